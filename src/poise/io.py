@@ -1,0 +1,79 @@
+"""Small file helpers shared by every stage: atomic writes and strict JSONL reading.
+
+Outputs are written to a temporary file in the destination folder and renamed into place, so a
+killed process never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from poise.errors import PoiseError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str]) -> None:
+    """Write lines (without their newline) joined by '\\n', atomically."""
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line; a bad line raises PoiseError(file:line)."""
+    path = Path(path)
+    try:
+        handle = path.open("r", encoding="utf-8")
+    except OSError as exc:
+        raise PoiseError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PoiseError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+                if not isinstance(obj, dict):
+                    raise PoiseError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+                yield number, obj
+        except UnicodeDecodeError:
+            raise PoiseError(f"{path}: not UTF-8 text") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PoiseError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PoiseError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None

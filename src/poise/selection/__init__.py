@@ -1,0 +1,195 @@
+"""Selection: choose a budgeted subset of the pool from an attribution matrix.
+
+`select(matrix, method=..., budget=...)` runs one registered method and returns a `Selection`: the
+picks in order and, per pick, its score (or BIDS gain) and the validation column and task it served.
+`write_selection` / `read_selection` persist it as `selection.json` (+ `selected.jsonl` with a pool).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from poise import __version__
+from poise.attribution import AttributionMatrix
+from poise.errors import PoiseError
+from poise.io import atomic_write_json, atomic_write_lines, read_json
+from poise.selection import bids as _bids  # noqa: F401  (registers "bids")
+from poise.selection import rules as _rules  # noqa: F401  (registers the top-B rules)
+from poise.selection.registry import METHODS, Context, Picks, get_method, parse_budget
+
+SELECTION_FILE = "selection.json"
+SELECTED_FILE = "selected.jsonl"
+
+__all__ = ["METHODS", "Selection", "select", "parse_budget", "read_selection", "write_selection"]
+
+
+@dataclass
+class Selection:
+    """The picks of one method, in order, with a per-pick trace."""
+
+    method: str
+    budget: int | float | str  # as requested
+    n_pool: int
+    indices: np.ndarray  # (B,) int64, pick order
+    trace: list[dict[str, Any]]
+    normalize: bool
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """Short name for tables and plots, e.g. `bids`, `bids (raw)`, `instance-max (norm)`."""
+        default = METHODS[self.method].normalize_default if self.method in METHODS else False
+        if self.method in ("random",) or self.normalize == default:
+            return str(self.arguments.get("label") or self.method)
+        suffix = "norm" if self.normalize else "raw"
+        return str(self.arguments.get("label") or f"{self.method} ({suffix})")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "budget": self.budget,
+            "n_pool": self.n_pool,
+            "indices": [int(i) for i in self.indices],
+            "trace": self.trace,
+            "arguments": self.arguments,
+        }
+
+
+def select(
+    matrix: AttributionMatrix,
+    method: str = "bids",
+    budget: int | float | str = 0.15,
+    *,
+    seed: int = 0,
+    normalize: bool | None = None,
+    tasks: list[str] | None = None,
+    progress=None,
+    label: str | None = None,
+) -> Selection:
+    """Select `budget` rows of `matrix` with `method` (see `poise.selection.METHODS`).
+
+    budget: an int is a count, a float in (0, 1] a fraction of the pool (floored).
+    normalize: column-normalise before scoring; default per method (True for bids only).
+    tasks: restrict to the columns of these tasks.
+    """
+    spec = get_method(method)
+    if spec.requires_kind and matrix.kind not in (None, spec.requires_kind):
+        raise PoiseError(
+            f"method {method!r} needs a {spec.requires_kind} matrix, but {matrix.source or 'this matrix'} "
+            f"is a {matrix.kind} matrix (build one with `poise attribute --rds`)"
+        )
+    if tasks:
+        matrix = matrix.select_tasks(tasks)
+    count = parse_budget(budget, matrix.n_rows)
+    do_normalize = spec.normalize_default if normalize is None else bool(normalize)
+    picks: Picks = spec.fn(matrix, count, Context(normalize=do_normalize, seed=seed, progress=progress))
+    trace = []
+    for rank, (row, score, col) in enumerate(zip(picks.rows.tolist(), picks.scores.tolist(),
+                                                 picks.columns.tolist(), strict=True)):
+        trace.append(
+            {
+                "rank": rank,
+                "row": row,
+                "id": matrix.row_id(row),
+                "score": None if math.isnan(score) else score,
+                "column": None if col < 0 else col,
+                "column_id": None if col < 0 else matrix.column_ids[col],
+                "task": None if col < 0 else matrix.tasks[col],
+            }
+        )
+    arguments = {
+        "method": method,
+        "budget": budget,
+        "budget_rows": count,
+        "normalize": do_normalize,
+        "seed": seed,
+        "tasks": list(tasks) if tasks else None,
+        "matrix": matrix.source,
+        "matrix_shape": [matrix.n_rows, matrix.n_columns],
+        "poise_version": __version__,
+    }
+    if label:
+        arguments["label"] = label
+    return Selection(
+        method=method,
+        budget=budget,
+        n_pool=matrix.n_rows,
+        indices=picks.rows,
+        trace=trace,
+        normalize=do_normalize,
+        arguments=arguments,
+    )
+
+
+def count_pool_lines(pool: str | os.PathLike) -> list[str]:
+    """The non-blank lines of a pool JSONL file (without newlines)."""
+    path = Path(pool)
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            return [line.rstrip("\r\n") for line in handle if line.strip()]
+    except OSError as exc:
+        raise PoiseError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise PoiseError(f"{path}: not UTF-8 text") from None
+
+
+def check_pool(pool: str | os.PathLike, matrix: AttributionMatrix) -> list[str]:
+    """Read the pool and check it lines up with the matrix rows (count, and ids where both have them)."""
+    lines = count_pool_lines(pool)
+    if len(lines) != matrix.n_rows:
+        raise PoiseError(f"{pool}: {len(lines)} examples but the matrix has {matrix.n_rows} rows")
+    if matrix.row_ids is not None:
+        for number, (line, row_id) in enumerate(zip(lines, matrix.row_ids, strict=True), start=1):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PoiseError(f"{pool}:{number}: not valid JSON ({exc.msg})") from None
+            if isinstance(obj, dict) and "id" in obj and obj["id"] != row_id:
+                raise PoiseError(
+                    f"{pool}:{number}: id {obj['id']!r} does not match matrix row id {row_id!r}; "
+                    "the pool must be in the matrix's row order"
+                )
+    return lines
+
+
+def write_selection(
+    selection: Selection, out: str | os.PathLike, pool_lines: list[str] | None = None
+) -> Path:
+    """Write `selection.json` (and `selected.jsonl` in pick order when pool lines are given)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if pool_lines is not None:
+        atomic_write_lines(out / SELECTED_FILE, (pool_lines[i] for i in selection.indices.tolist()))
+    atomic_write_json(out / SELECTION_FILE, selection.to_json())
+    return out / SELECTION_FILE
+
+
+def read_selection(path: str | os.PathLike) -> Selection:
+    """Read a selection folder (or its selection.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SELECTION_FILE
+    if not path.exists():
+        raise PoiseError(f"{path}: no such selection (expected a folder written by `poise select`)")
+    data = read_json(path)
+    for key in ("method", "budget", "n_pool", "indices", "trace"):
+        if key not in data:
+            raise PoiseError(f"{path}: missing field {key!r}")
+    arguments = data.get("arguments") or {}
+    return Selection(
+        method=data["method"],
+        budget=data["budget"],
+        n_pool=int(data["n_pool"]),
+        indices=np.asarray(data["indices"], dtype=np.int64),
+        trace=data["trace"],
+        normalize=bool(arguments.get("normalize", METHODS.get(data["method"]) and
+                                     METHODS[data["method"]].normalize_default)),
+        arguments=arguments,
+    )
