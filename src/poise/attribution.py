@@ -403,3 +403,13 @@ def load_attribution(
         kind=kind or info.get("kind"),
         source=str(scores_path),
     )
+
+
+def load_matrix(config: Any) -> AttributionMatrix:
+    """The matrix named by a `MatrixConfig` (an attribution folder, or --scores with --columns)."""
+    if config.attribution and config.scores:
+        raise PoiseError("give either --attribution DIR or --scores FILE, not both")
+    source = config.attribution or config.scores
+    if not source:
+        raise PoiseError("no attribution matrix given: use --attribution DIR or --scores FILE --columns FILE")
+    return load_attribution(source, columns=config.columns, rows=config.rows)

@@ -104,6 +104,7 @@ def select(
                 "task": None if col < 0 else matrix.tasks[col],
             }
         )
+    budget = _as_number(budget)
     arguments = {
         "method": method,
         "budget": budget,
@@ -126,6 +127,17 @@ def select(
         normalize=do_normalize,
         arguments=arguments,
     )
+
+
+def _as_number(budget: int | float | str) -> int | float | str:
+    """A budget given as text, recorded as the number it denotes (count or fraction)."""
+    if isinstance(budget, str):
+        text = budget.strip()
+        try:
+            return int(text) if text.isdigit() else float(text)
+        except ValueError:
+            return budget
+    return budget
 
 
 def count_pool_lines(pool: str | os.PathLike) -> list[str]:

@@ -35,6 +35,9 @@ from poise.selection.registry import Context, Picks, register
 
 #: Rows sampled to place the per-column thresholds.
 SAMPLE_ROWS = 16384
+#: Initial prefix length per column: MIN_PREFIX + PREFIX_FACTOR * (picks per column).
+MIN_PREFIX = 256
+PREFIX_FACTOR = 4
 
 
 class _Prefixes:
@@ -49,7 +52,7 @@ class _Prefixes:
             self.safe = np.where(stats.zero_variance, 1.0, stats.std)
             self.zero = stats.zero_variance
         # expected prefix length: a few times the picks per column, enough that growth is rare
-        target = min(self.n, max(256, 4 * math.ceil(budget / self.v) + 64))
+        target = min(self.n, MIN_PREFIX + PREFIX_FACTOR * math.ceil(budget / self.v))
         thresholds = self._thresholds(target)
         rows_parts, cols_parts, vals_parts = [], [], []
         for start in range(0, self.n, CHUNK_ROWS):

@@ -102,7 +102,9 @@ def parse_budget(budget: int | float | str, n_pool: int) -> int:
 
 
 def _fraction_count(fraction: Decimal, text: str, n_pool: int) -> int:
-    if not fraction.is_finite() or fraction <= 0 or fraction > 1:
+    if fraction.is_finite() and fraction <= 0:
+        raise PoiseError(f"budget must be positive, got {text}")
+    if not fraction.is_finite() or fraction > 1:
         raise PoiseError(
             f"budget {text} is not a whole number and not a fraction in (0, 1] "
             "(write a count without a decimal point)"

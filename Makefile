@@ -1,0 +1,38 @@
+# The two newcomer commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-slow lint bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# pip (not uv): pip's configuration on the project machines points at the local CPU torch wheel.
+$(VENV)/.installed-base: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@ $(VENV)/.installed-base
+
+install: $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(BIN)/poise demo
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+test-slow: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/bench_select.py --markdown docs/benchmarks-latest.md
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

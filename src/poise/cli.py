@@ -1,0 +1,172 @@
+"""The `poise` command: one thin sub-command per stage; flags come from the stage's config class.
+
+Errors a user can fix (`PoiseError`) print as one line, `poise: error: ...`, with exit code 2 and no
+traceback; warnings print as `poise: warning: ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import typing
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from poise import __version__
+from poise.config import DemoConfig, ReportConfig, SelectConfig, base_type, field_types, from_dict, load_yaml
+from poise.errors import PoiseError, PoiseWarning
+
+
+# ----------------------------------------------------------------------------- dataclass -> flags
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = field_types(cls)
+    for f in dataclasses.fields(cls):
+        kind, _ = base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=help_text)
+            continue
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if typing.get_origin(kind) is list:
+            kwargs["type"] = lambda text: [t.strip() for t in text.split(",") if t.strip()]
+            kwargs["metavar"] = "A,B,..."
+        elif kind is int:
+            kwargs["type"] = int
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default not in (None, [], False) and "required" not in f.metadata:
+            kwargs["help"] = f"{help_text} (default: {default})"
+        parser.add_argument(flag, **kwargs)
+
+
+def build_config(cls: type, args: argparse.Namespace, section: str) -> Any:
+    """Defaults <- YAML file (--config) <- flags given on the command line."""
+    base = load_yaml(args.config, cls, section) if getattr(args, "config", None) else cls()
+    values = dataclasses.asdict(base)
+    for f in dataclasses.fields(cls):
+        if hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    config = from_dict(cls, values, "command line")
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("required") and getattr(config, f.name) in (None, "", []):
+            raise PoiseError(f"--{f.name.replace('_', '-')} is required")
+    return config
+
+
+# ------------------------------------------------------------------------------------ commands
+def _progress(description: str):
+    """A rich progress bar on stderr (a no-op callback when stderr is not a terminal)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if not sys.stderr.isatty():
+        return None, None
+    progress = Progress(TextColumn(description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeRemainingColumn(), transient=True)
+    task = progress.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return progress, update
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from poise.selection.stage import run_select
+
+    config = build_config(SelectConfig, args, "select")
+    started = time.perf_counter()
+    bar, update = _progress(f"select {config.method}")
+    if bar:
+        with bar:
+            selection, reused = run_select(config, progress=update)
+    else:
+        selection, reused = run_select(config, progress=update)
+    console = Console(stderr=False)
+    verb = "up to date:" if reused else "selected"
+    console.print(
+        f"{verb} {len(selection.indices)} of {selection.n_pool} rows with {selection.label} "
+        f"-> {config.out}/selection.json" + ("" if reused else f" ({time.perf_counter() - started:.2f}s)")
+    )
+    counts: dict[str, int] = {}
+    for pick in selection.trace:
+        if pick.get("task") is not None:
+            counts[pick["task"]] = counts.get(pick["task"], 0) + 1
+    if counts:
+        total = sum(counts.values())
+        console.print("picks by task served: " + ", ".join(
+            f"{task} {n} ({100 * n / total:.0f}%)" for task, n in sorted(counts.items(), key=lambda kv: -kv[1])))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from poise.report import run_report
+
+    config = build_config(ReportConfig, args, "report")
+    path = run_report(config)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from poise.demo import run_demo
+
+    config = build_config(DemoConfig, args, "demo")
+    run_demo(config)
+    return 0
+
+
+COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], int], str]] = {
+    "select": (SelectConfig, cmd_select, "select a budgeted subset of the pool from an attribution matrix"),
+    "report": (ReportConfig, cmd_report, "AID/THI/coverage/overlap plots and report.html for selections"),
+    "demo": (DemoConfig, cmd_demo, "run every selection method and the report on the embedded default"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="poise",
+        description="Select instruction-tuning data that is influential and balanced across capabilities.",
+    )
+    parser.add_argument("--version", action="version", version=f"poise {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (cls, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
+        p.add_argument("--config", metavar="FILE.yaml", help="read settings from a YAML file (flags override)")
+        add_config_arguments(p, cls)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    prefix = "poise: warning: " if issubclass(category, PoiseWarning) else f"{category.__name__}: "
+    print(prefix + str(message), file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    warnings.showwarning = _show_warning
+    try:
+        return COMMANDS[args.command][1](args)
+    except PoiseError as exc:
+        print(f"poise: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("poise: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""One typed settings class per stage, behind the YAML file, the CLI flags and the Python API.
+
+Each field's metadata carries its help text; `cli.py` turns the dataclass into flags, `load_yaml`
+fills it from a file (unknown keys are an error naming the file and key), and `to_dict` is what a stage
+saves beside its outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from poise.errors import PoiseError
+from poise.options import SELECTION_METHODS
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class MatrixConfig:
+    """Where the attribution matrix comes from (shared by select and report)."""
+
+    attribution: str | None = _f(None, "a poise attribution folder (scores.npy + columns.jsonl + rows.jsonl)")
+    scores: str | None = _f(None, "scores file: .npy, .safetensors or weights-only torch .pt (N_train x N_val)")
+    columns: str | None = _f(None, "JSONL, one {\"id\", \"task\"} per validation column (with --scores)")
+    rows: str | None = _f(None, "JSONL, one {\"id\"} per training row (optional)")
+
+
+@dataclass
+class SelectConfig(MatrixConfig):
+    """`poise select`: choose a budgeted subset of the pool."""
+
+    method: str = _f("bids", "selection method", choices=SELECTION_METHODS)
+    budget: str = _f("0.15", "a whole number is a count (4500); a number with a point in (0, 1] a fraction (0.15)")
+    out: str | None = _f(None, "output folder (selection.json, selected.jsonl)", required=True)
+    pool: str | None = _f(None, "the pool JSONL, in matrix row order: writes its lines in pick order")
+    seed: int = _f(0, "random seed (method 'random')")
+    normalize: bool | None = _f(None, "column-normalise before selecting (default: on for bids, off otherwise)")
+    tasks: list[str] | None = _f(None, "use only the columns of these tasks (comma-separated)")
+    label: str | None = _f(None, "name shown in reports (default: the method)")
+    overwrite: bool = _f(False, "replace an existing selection made with other settings")
+
+
+@dataclass
+class ReportConfig(MatrixConfig):
+    """`poise report`: plots and an HTML page for one or more selections."""
+
+    selections: list[str] = _f([], "selection folders written by `poise select`", positional=True)
+    out: str | None = _f(None, "output folder for the PNGs and report.html", required=True)
+    title: str = _f("poise selection report", "title of the HTML page")
+    embed_images: bool = _f(False, "inline the PNGs into report.html as data URIs")
+
+
+@dataclass
+class DemoConfig:
+    """`poise demo`: every method on the embedded synthetic default, then the report."""
+
+    out: str = _f("runs/demo", "run directory")
+    rows: int = _f(20_000, "pool size of the synthetic attribution matrix")
+    columns_per_task: int = _f(10, "validation columns per task (7 tasks)")
+    budget: str = _f("0.1", "selection budget (count or fraction)")
+    seed: int = _f(0, "seed of the synthetic matrix and the random baseline")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def base_type(annotation: Any) -> tuple[Any, bool]:
+    """(underlying type, optional?) of an annotation like `int | None` or `list[str] | None`."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], len(rest) < len(args)
+    return annotation, False
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    kind, optional = base_type(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise PoiseError(f"{where}: must not be empty")
+    origin = typing.get_origin(kind)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise PoiseError(f"{where}: expected a list, got {value!r}")
+        return [str(v) for v in value]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise PoiseError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PoiseError(f"{where}: expected a whole number, got {value!r}")
+        return value
+    if kind is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise PoiseError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str) -> Any:
+    """Build a config from a mapping; unknown keys and wrong types are errors naming `where`."""
+    if not isinstance(data, dict):
+        raise PoiseError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
+    hints = field_types(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise PoiseError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(names))})")
+        values[name] = _coerce(value, hints[name], f"{where}: {key}")
+        choices = names[name].metadata.get("choices")
+        if choices and values[name] not in choices:
+            raise PoiseError(f"{where}: {key} must be one of {', '.join(choices)}, got {values[name]!r}")
+    return cls(**values)
+
+
+def load_yaml(path: str | os.PathLike, cls: type, section: str | None = None) -> Any:
+    """Read a YAML settings file (optionally one section of it) into `cls`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise PoiseError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise PoiseError(f"{path}{line}: not valid YAML") from None
+    if section and isinstance(data, dict) and section in data:
+        data = data[section]
+    return from_dict(cls, data, str(path))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

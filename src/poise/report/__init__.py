@@ -1,0 +1,274 @@
+"""Reports on selections: PNG figures, one self-contained HTML page, and a terminal summary table.
+
+`build_report(matrix, selections, out_dir)` writes, for every selection, its normalised AID per task
+(`aid_<slug>.png`) and its task-wise and instance-wise THI (`thi_<slug>.png`); across selections
+`aid_comparison.png`, `thi_comparison.png`, `coverage.png` and, for two or more, `overlap.png`; and
+`report.html`, which shows them with a per-task summary table and the selections' settings.
+`print_summary` prints the same per-task table to a terminal with rich.
+
+The numbers come from `poise.analysis` (BIDS paper Sections 3 and 6.2); this package only lays them
+out. matplotlib is imported when a report is built, not by `print_summary`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from poise import __version__
+from poise.analysis import aid, aid_by_task, coverage, overlap, task_summary, thi
+from poise.attribution import AttributionMatrix
+from poise.errors import PoiseError
+from poise.io import atomic_write_bytes, atomic_write_text
+from poise.selection import Selection
+
+__all__ = ["REPORT_FILE", "build_report", "display_names", "print_summary", "slugs", "summary_rows"]
+
+REPORT_FILE = "report.html"
+#: Slugs that would make a per-selection file collide with a comparison figure (aid_comparison.png).
+_RESERVED_SLUGS = frozenset({"comparison"})
+_SLUG_MAX = 48
+
+
+# ----------------------------------------------------------------------------------------- names
+def display_names(selections: Sequence[Selection]) -> list[str]:
+    """Each selection's label, made unique by appending ` #2`, ` #3`, ... to repeats."""
+    names: list[str] = []
+    taken: set[str] = set()
+    for selection in selections:
+        base = selection.label
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base} #{k}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:_SLUG_MAX].strip("-")
+    return slug or "selection"
+
+
+def slugs(names: Sequence[str]) -> list[str]:
+    """Filesystem-safe ([a-z0-9-], lower case), unique file stems for the given names."""
+    out: list[str] = []
+    taken = set(_RESERVED_SLUGS)
+    for name in names:
+        base = _slug(name)
+        slug, k = base, 1
+        while slug in taken:
+            k += 1
+            slug = f"{base}-{k}"
+        taken.add(slug)
+        out.append(slug)
+    return out
+
+
+# ------------------------------------------------------------------------------------- summaries
+def _check(matrix: AttributionMatrix, selections: Sequence[Selection]) -> None:
+    if not selections:
+        raise PoiseError("no selections to report on")
+    for name, selection in zip(display_names(selections), selections, strict=True):
+        if selection.n_pool != matrix.n_rows:
+            raise PoiseError(
+                f"selection {name!r} was made on a pool of {selection.n_pool} rows, "
+                f"but the matrix has {matrix.n_rows} rows"
+            )
+        if len(selection.indices) == 0:
+            raise PoiseError(f"selection {name!r} has no picks")
+
+
+def _rows_from(tasks: Sequence[str], summaries: Sequence[dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [
+        {
+            "task": task,
+            "macro": False,
+            "influence": [s[task]["mean_normalized_influence"] for s in summaries],
+            "thi": [s[task]["thi_share"] for s in summaries],
+        }
+        for task in tasks
+    ]
+    ratios = []
+    for s in summaries:
+        shares = [s[task]["thi_share"] for task in tasks]
+        low, high = min(shares), max(shares)
+        ratios.append(high / low if low > 0 else math.inf)
+    rows.append(
+        {
+            "task": "macro",
+            "macro": True,
+            "influence": [float(np.mean([s[task]["mean_normalized_influence"] for task in tasks]))
+                          for s in summaries],
+            "thi": ratios,
+        }
+    )
+    return rows
+
+
+def summary_rows(matrix: AttributionMatrix, selections: Sequence[Selection]) -> list[dict[str, Any]]:
+    """The per-task summary table as data: one dict per task, then one "macro" dict.
+
+    Each dict has "task", "macro" (bool), "influence" and "thi", the last two one value per selection
+    (in the given order). For a task: mean normalised influence of the picks on its validation
+    columns, and its instance-wise THI share (0..1). For the macro row: the mean of the task
+    influences, and the largest task THI share divided by the smallest (1.0 = perfectly balanced,
+    inf when some task is never the top task).
+    """
+    _check(matrix, selections)
+    return _rows_from(matrix.task_names, [task_summary(matrix, s) for s in selections])
+
+
+def print_summary(matrix: AttributionMatrix, selections: Sequence[Selection], console: Any = None) -> None:
+    """Print the per-task summary as a rich table (to `console`, or a new stdout console)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from poise.report.html import format_ratio
+
+    rows = summary_rows(matrix, selections)
+    names = display_names(selections)
+    table = Table(
+        title="Per-task summary of the selections",
+        caption="infl. = mean normalised influence on the task's validation examples; "
+        "THI = share of picks whose most influenced validation example is in the task",
+    )
+    table.add_column("task", style="bold")
+    for name in names:
+        table.add_column(f"{name} infl.", justify="right")
+        table.add_column(f"{name} THI", justify="right")
+    for row in rows:
+        if row["macro"]:
+            cells = [
+                text
+                for infl, ratio in zip(row["influence"], row["thi"], strict=True)
+                for text in (f"{infl:.3f}", format_ratio(ratio))
+            ]
+            table.add_row("macro (mean; THI max/min)", *cells, style="bold", end_section=False)
+        else:
+            cells = [
+                text
+                for infl, share in zip(row["influence"], row["thi"], strict=True)
+                for text in (f"{infl:.3f}", f"{100 * share:.1f}%")
+            ]
+            table.add_row(row["task"], *cells, end_section=row is rows[-2])
+    if console is None:
+        console = Console()
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------- report
+def _selection_row(name: str, slug: str, selection: Selection) -> list[str]:
+    picks = len(selection.indices)
+    tasks = selection.arguments.get("tasks")
+    return [
+        name,
+        selection.method,
+        str(selection.budget),
+        f"{picks:,}",
+        f"{selection.n_pool:,}",
+        f"{100 * picks / max(1, selection.n_pool):.1f}%",
+        "yes" if selection.normalize else "no",
+        str(selection.arguments.get("seed", "")),
+        ", ".join(map(str, tasks)) if tasks else "all",
+        slug,
+    ]
+
+
+def build_report(
+    matrix: AttributionMatrix,
+    selections: list[Selection],
+    out_dir: str | os.PathLike,
+    title: str = "poise selection report",
+    embed_images: bool = False,
+) -> Path:
+    """Write the figures and `report.html` for `selections` of `matrix` into `out_dir`; return the page.
+
+    The PNGs are always written; with `embed_images` the page carries them as base64 data URIs
+    (a single file to share) instead of referring to them by name. Files are written atomically.
+    Files of an earlier report in `out_dir` that this one does not produce are left in place.
+    """
+    from poise.report import plots
+    from poise.report.html import (
+        AID_CAPTION,
+        COVERAGE_CAPTION,
+        OVERLAP_CAPTION,
+        THI_CAPTION,
+        Image,
+        Section,
+        render_page,
+    )
+
+    _check(matrix, selections)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = display_names(selections)
+    stems = slugs(names)
+
+    aids, thi_task, thi_instance, coverages, summaries = [], [], [], [], []
+    for selection in selections:
+        aids.append(aid_by_task(matrix, aid(matrix, selection.indices, normalized=True)))
+        thi_task.append(thi(matrix, selection.indices, mode="task"))
+        thi_instance.append(thi(matrix, selection.indices, mode="instance"))
+        coverages.append(coverage(matrix, selection.indices))
+        summaries.append(task_summary(matrix, selection))
+
+    def image(filename: str, png: bytes, alt: str, caption: str = "") -> Image:
+        atomic_write_bytes(out / filename, png)
+        return Image(filename=filename, png=png, alt=alt, caption=caption)
+
+    aid_images = [image("aid_comparison.png", plots.aid_comparison_plot(names, aids),
+                        "normalised AID per task for every selection",
+                        "Normalised AID per task, all selections side by side.")]
+    thi_images = [image("thi_comparison.png", plots.thi_comparison_plot(names, thi_task, thi_instance),
+                        "THI share per task for every selection",
+                        "Share of picks per task, instance-wise (top) and task-wise (bottom).")]
+    for name, stem, aid_s, task_s, inst_s in zip(names, stems, aids, thi_task, thi_instance, strict=True):
+        aid_images.append(image(f"aid_{stem}.png", plots.aid_plot(aid_s, f"Normalised AID: {name}"),
+                                f"normalised AID per task: {name}", f"{name}: normalised AID per task."))
+        thi_images.append(image(f"thi_{stem}.png", plots.thi_plot(task_s, inst_s, f"THI: {name}"),
+                                f"THI per task: {name}",
+                                f"{name}: picks per top task (labels: share of all picks)."))
+    sections = [
+        Section("Average Influence Distribution (AID)", AID_CAPTION, aid_images),
+        Section("Task frequency with Highest Influence (THI)", THI_CAPTION, thi_images),
+        Section("Coverage as the selection grows", COVERAGE_CAPTION,
+                [image("coverage.png", plots.coverage_plot(names, coverages),
+                       "instance-wise THI share per task against the number of picks")]),
+    ]
+    if len(selections) >= 2:
+        sections.append(
+            Section("Overlap between selections", OVERLAP_CAPTION,
+                    [image("overlap.png", plots.overlap_plot(names, overlap([s.indices for s in selections])),
+                           "Jaccard similarity between the selections")])
+        )
+
+    meta = [
+        ("matrix", matrix.source or "in memory"),
+        ("shape", f"{matrix.n_rows:,} pool rows × {matrix.n_columns:,} validation examples"),
+        ("kind", matrix.kind or "unknown"),
+        ("tasks", f"{len(matrix.task_names)}"),
+        ("poise", __version__),
+    ]
+    header = ["selection", "method", "budget", "picks", "pool", "of pool", "normalised", "seed", "tasks",
+              "file stem"]
+    page = render_page(
+        title=title,
+        meta=meta,
+        selection_header=header,
+        selection_rows=[_selection_row(n, s, sel) for n, s, sel in zip(names, stems, selections, strict=True)],
+        names=names,
+        summary=_rows_from(matrix.task_names, summaries),
+        sections=sections,
+        embed_images=embed_images,
+    )
+    path = out / REPORT_FILE
+    atomic_write_text(path, page)
+    return path

@@ -1,0 +1,39 @@
+"""Shared fixtures: small attribution matrices written the ways users hand them to poise."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/oracles.py
+
+
+def write_columns(path: Path, tasks: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"id": f"v{j}", "task": t}) + "\n" for j, t in enumerate(tasks)))
+    return path
+
+
+@pytest.fixture
+def small_files(tmp_path: Path) -> dict[str, Path]:
+    """scores.npy (40 x 6, three tasks of different scales), columns.jsonl, rows.jsonl, pool.jsonl."""
+    rng = np.random.default_rng(7)
+    scores = (rng.normal(size=(40, 6)) * np.array([1, 1, 10, 10, 0.1, 0.1])).astype(np.float32)
+    np.save(tmp_path / "scores.npy", scores)
+    write_columns(tmp_path / "columns.jsonl", ["code", "code", "math", "math", "chat", "chat"])
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"id": f"ex{i}"}) + "\n" for i in range(40)))
+    (tmp_path / "pool.jsonl").write_text(
+        "".join(json.dumps({"id": f"ex{i}", "messages": [{"role": "user", "content": f"q{i}"}]}) + "\n"
+                for i in range(40))
+    )
+    return {
+        "dir": tmp_path,
+        "scores": tmp_path / "scores.npy",
+        "columns": tmp_path / "columns.jsonl",
+        "rows": tmp_path / "rows.jsonl",
+        "pool": tmp_path / "pool.jsonl",
+        "array": scores,
+    }
