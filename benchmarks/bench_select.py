@@ -13,8 +13,10 @@ What is measured, per budget fraction (default 5%, 10%, 15%):
   time includes normalisation. Building the matrix object runs its validation (finite check, labels);
   that time is reported separately. rds runs on a synthetic representation-cosine matrix of the same
   shape;
-* peak memory: BIDS at the largest budget in a fresh subprocess that loads the matrix into RAM and
-  reports `ru_maxrss` before and after the selection;
+* peak memory: BIDS at the largest budget in a fresh subprocess that generates the matrix in RAM and
+  reports `ru_maxrss` before and after the selection, and the peak RSS of the selection itself
+  (VmHWM of /proc/self/status, reset just before the selection: ru_maxrss also counts generating
+  the matrix and, on Linux, what the parent process had reached when it started the child);
 * the naive loop: `bids_naive` on a row subsample (same V) at each budget fraction, seconds per step,
   and a check that fast BIDS on that subsample returns exactly the same picks, gains and columns
   (printed as `ok` or `MISMATCH`; the exit code is 1 on a mismatch). A few naive steps are also timed
@@ -41,7 +43,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -176,34 +177,56 @@ class Table:
 
 
 # ------------------------------------------------------------------------------ peak-memory worker
-def peak_worker(path: str, budget: float, columns_per_task: int) -> None:
-    """Runs in a fresh interpreter: load scores into RAM, build the matrix, select with BIDS."""
-    base = rss_mib()
-    scores = np.load(path)  # into RAM, not memory-mapped
-    v = scores.shape[1]
-    template_tasks = [f"task-{j // columns_per_task}" for j in range(v)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        matrix = AttributionMatrix(scores=scores, column_ids=list(range(v)), tasks=template_tasks,
-                                   kind="influence", source=path)
-    before = rss_mib()
+def proc_status() -> dict[str, float]:
+    """VmRSS and VmHWM (peak RSS of this address space) in MiB, from /proc/self/status."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = float(value.split()[0]) / 1024.0
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return out
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False when not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:  # pragma: no cover
+        return False
+
+
+def peak_worker(args: argparse.Namespace) -> None:
+    """Runs in a fresh interpreter: generate the matrix, then one BIDS selection; print JSON."""
+    inherited = rss_mib()
+    matrix, _ = synthetic_matrix(n_rows=args.rows, columns_per_task=args.columns_per_task, seed=args.seed)
+    gc.collect()
+    before_maxrss = rss_mib()
+    before = proc_status()
+    reset = reset_peak()
     start = time.perf_counter()
-    selection = poise.select(matrix, "bids", budget)
+    selection = poise.select(matrix, "bids", args.budget_list[0])
     seconds = time.perf_counter() - start
-    after = rss_mib()
-    print(json.dumps({"base_mib": base, "before_mib": before, "peak_mib": after, "seconds": seconds,
-                      "picks": int(selection.indices.shape[0]), "matrix_mib": scores.nbytes / 2**20}))
+    after = proc_status()
+    print(json.dumps({
+        "inherited_maxrss_mib": inherited, "before_maxrss_mib": before_maxrss, "after_maxrss_mib": rss_mib(),
+        "before_rss_mib": before.get("VmRSS"), "peak_rss_mib": after.get("VmHWM") if reset else None,
+        "seconds": seconds, "picks": int(selection.indices.shape[0]),
+        "matrix_mib": matrix.scores.nbytes / 2**20,
+    }))
 
 
-def measure_peak(scores: np.ndarray, budget: float, columns_per_task: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="poise-bench-") as tmp:
-        path = os.path.join(tmp, "scores.npy")
-        np.save(path, scores)
-        out = subprocess.run(
-            [sys.executable, __file__, "--peak-worker", path, "--budgets", repr(budget),
-             "--columns-per-task", str(columns_per_task)],
-            check=True, capture_output=True, text=True,
-        )
+def measure_peak(args: argparse.Namespace, budget: float) -> dict:
+    """Run `peak_worker` in a new interpreter (call it before this process grows: Linux passes the
+    parent's peak RSS on to ru_maxrss of a vfork/exec child)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--peak-worker", "--budgets", repr(budget), "--rows", str(args.rows),
+         "--columns-per-task", str(args.columns_per_task), "--seed", str(args.seed)],
+        check=True, capture_output=True, text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -220,13 +243,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="row subsample for the naive loop (default 4000)")
     parser.add_argument("--naive-steps", type=int, default=0,
                         help="cap on naive steps on the subsample (default 0: the whole budget)")
-    parser.add_argument("--naive-full-steps", type=int, default=2,
-                        help="naive steps timed at full size (default 2; 0 skips; needs ~6x the matrix in RAM)")
+    parser.add_argument("--naive-full-steps", type=int, default=3,
+                        help="naive steps timed at full size (default 3; 0 skips; ~6x the matrix in RAM)")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per method and budget (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic matrix (default 0)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--markdown", metavar="PATH", help="also write the results as markdown to PATH")
-    parser.add_argument("--peak-worker", metavar="NPY", help=argparse.SUPPRESS)
+    parser.add_argument("--peak-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.columns_per_task = 3000, 4
@@ -243,13 +266,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.peak_worker:
-        peak_worker(args.peak_worker, args.budget_list[0], args.columns_per_task)
+        peak_worker(args)
         return 0
     warnings.simplefilter("ignore", poise.PoiseWarning)
     info = machine()
     cmd = command_line()
     print(f"command: {cmd}")
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+
+    # --------------------------------------------- peak memory (first, while this process is small)
+    peak_budget = max(args.budget_list)
+    peak = measure_peak(args, peak_budget)
+    print(f"  peak-memory subprocess: BIDS at {peak_budget:.0%} in {fmt_s(peak['seconds'])} s", flush=True)
 
     start = time.perf_counter()
     template, row_sources = synthetic_matrix(n_rows=args.rows, columns_per_task=args.columns_per_task,
@@ -297,8 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     naive = Table(
         f"Naive Algorithm-1 loop vs fast BIDS (subsample: first {n_sub:,} rows, V={v}; "
         f"full: N={n:,})",
-        ["budget", "check", "sub steps", "naive s/step (sub)", "fast s (sub)", "B full",
-         "naive full est. (sub)", "naive full est. (full steps)", "fast s (full)", "speedup"],
+        ["budget", "check", "steps (sub)", "naive/step (sub)", "fast s (sub)", "B (full)",
+         "naive est. A", "naive est. B", "fast s (full)", "speedup A", "speedup B"],
+    )
+    naive.notes.append(
+        "check: fast BIDS on the subsample returns the naive loop's rows, gains and columns exactly. "
+        "Naive full-size time in s (h where marked): est. A = naive/step (sub) x N/N_sub x B (full); "
+        "est. B = naive/step measured at full size x B (full). speedup = est. / fast s (full)."
     )
     full_step = None
     full_check = "skipped"
@@ -316,11 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         ok &= full_check == "ok"
         del values
         gc.collect()
-        print(f"  naive at full size: {k} step(s), {full_step * 1e3:.1f} ms/step; first picks vs fast: {full_check}",
-              flush=True)
+        print(f"  naive at full size: {k} step(s), {full_step * 1e3:.1f} ms/step; "
+              f"first picks vs fast: {full_check}", flush=True)
         naive.notes.append(
             f"Naive loop at full size: {k} step(s) timed, {full_step * 1e3:.1f} ms/step "
-            f"(after its one-off float64 copy, {setup:.2f} s); its picks equal fast BIDS's first {k}: {full_check}."
+            f"(after its one-off float64 copy, {setup:.2f} s); "
+            f"its picks equal fast BIDS's first {k}: {full_check}."
         )
     for budget in args.budget_list:
         sub_matrix, _ = fresh(sub_template)
@@ -345,20 +379,30 @@ def main(argv: list[str] | None = None) -> int:
         b_full = fast_picks[budget].shape[0]
         est_sub = per_step * (n / n_sub) * b_full
         est_full = full_step * b_full if full_step is not None else float("nan")
-        best_est = est_full if full_step is not None else est_sub
         naive.add(f"{budget:.0%}", check, f"{steps:,}/{b_sub:,}", f"{per_step * 1e3:.2f} ms", fmt_s(fast_sub),
                   f"{b_full:,}", fmt_s(est_sub), fmt_s(est_full) if full_step is not None else "-",
-                  fmt_s(fast_full[budget]), f"{best_est / fast_full[budget]:,.0f}x")
+                  fmt_s(fast_full[budget]), f"{est_sub / fast_full[budget]:,.0f}x",
+                  f"{est_full / fast_full[budget]:,.0f}x" if full_step is not None else "-")
         print(f"  fast == naive on {n_sub:,} rows at {budget:.0%} ({steps} steps): {check}", flush=True)
 
-    # ----------------------------------------------------------------------------- peak memory
-    peak_budget = max(args.budget_list)
-    peak = measure_peak(template.scores, peak_budget, args.columns_per_task)
-    memory = Table(f"Peak memory: BIDS at {peak_budget:.0%} in a fresh process (matrix loaded into RAM)",
-                   ["matrix", "scores size", "RSS after load", "peak RSS", "selection adds", "select s"])
-    memory.add(f"{n:,} x {v}", f"{peak['matrix_mib']:.0f} MiB", f"{peak['before_mib']:.0f} MiB",
-               f"{peak['peak_mib']:.0f} MiB", f"{peak['peak_mib'] - peak['before_mib']:.0f} MiB",
-               fmt_s(peak["seconds"]))
+    def mib(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:,.0f} MiB"
+
+    memory = Table(
+        f"Peak memory: BIDS at {peak_budget:.0%} in a fresh process (matrix generated there, in RAM)",
+        ["matrix", "scores size", "RSS before select", "peak RSS during select", "select adds",
+         "ru_maxrss before", "ru_maxrss after", "select s"],
+    )
+    added = None if peak["peak_rss_mib"] is None else peak["peak_rss_mib"] - peak["before_rss_mib"]
+    memory.add(f"{n:,} x {v}", mib(peak["matrix_mib"]), mib(peak["before_rss_mib"]),
+               mib(peak["peak_rss_mib"]), mib(added), mib(peak["before_maxrss_mib"]),
+               mib(peak["after_maxrss_mib"]), fmt_s(peak["seconds"]))
+    memory.notes.append(
+        "Peak RSS during select: VmHWM, reset to the current RSS just before the selection. ru_maxrss is the "
+        "process peak so far, so it includes generating the matrix (and "
+        f"{peak['inherited_maxrss_mib']:,.0f} MiB already reported at interpreter start, inherited from "
+        "the parent benchmark process)."
+    )
 
     print()
     for table in (timing, naive, memory):

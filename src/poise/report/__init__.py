@@ -137,10 +137,11 @@ def print_summary(matrix: AttributionMatrix, selections: Sequence[Selection], co
     names = display_names(selections)
     table = Table(
         title="Per-task summary of the selections",
-        caption="infl. = mean normalised influence on the task's validation examples; "
-        "THI = share of picks whose most influenced validation example is in the task",
+        caption="infl. = mean normalised influence on the task's validation examples; THI = share of "
+        "picks whose most influenced validation example is in the task; macro = mean infl. over tasks "
+        "and largest / smallest THI share (1.00x = balanced)",
     )
-    table.add_column("task", style="bold")
+    table.add_column("task", style="bold", no_wrap=True)
     for name in names:
         table.add_column(f"{name} infl.", justify="right")
         table.add_column(f"{name} THI", justify="right")
@@ -151,7 +152,7 @@ def print_summary(matrix: AttributionMatrix, selections: Sequence[Selection], co
                 for infl, ratio in zip(row["influence"], row["thi"], strict=True)
                 for text in (f"{infl:.3f}", format_ratio(ratio))
             ]
-            table.add_row("macro (mean; THI max/min)", *cells, style="bold", end_section=False)
+            table.add_row("macro", *cells, style="bold")
         else:
             cells = [
                 text

@@ -41,7 +41,7 @@ SUMMARY_CAPTION = (
     "validation examples (the mean of the normalised AID over the task); THI is the instance-wise share "
     "of picks whose most influenced validation example belongs to the task. The macro row gives the "
     "mean influence over tasks and, for THI, the ratio of the largest to the smallest task share "
-    "(1.0 = perfectly balanced)."
+    "(1.00× = perfectly balanced, ∞ = some task is never the top task)."
 )
 
 _CSS = """
@@ -120,7 +120,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], name_columns: i
 
 def format_ratio(value: float) -> str:
     if math.isinf(value):
-        return "∞ (a task has no picks)"
+        return "∞"
     if math.isnan(value):
         return "n/a"
     return f"{value:.2f}×"

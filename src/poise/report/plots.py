@@ -152,7 +152,7 @@ def thi_plot(task_wise: Mapping[str, int], instance_wise: Mapping[str, int], tit
     ax.set_title(title)
     ax.margins(y=0.12)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(frameon=False, fontsize="small")
+    ax.legend(loc="best", frameon=False, fontsize="small")
     return _to_png(fig)
 
 

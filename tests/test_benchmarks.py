@@ -1,0 +1,21 @@
+"""Smoke test of the selection benchmark: it runs end to end and fast BIDS matches the naive loop."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_select.py"
+
+
+def test_bench_select_quick(tmp_path):
+    markdown = tmp_path / "bench.md"
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--markdown", str(markdown)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fast BIDS == naive loop: ok" in result.stdout
+    assert "MISMATCH" not in result.stdout
+    assert "fast BIDS == naive loop: **ok**" in markdown.read_text(encoding="utf-8")
