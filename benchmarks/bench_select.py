@@ -398,10 +398,11 @@ def main(argv: list[str] | None = None) -> int:
                mib(peak["peak_rss_mib"]), mib(added), mib(peak["before_maxrss_mib"]),
                mib(peak["after_maxrss_mib"]), fmt_s(peak["seconds"]))
     memory.notes.append(
-        "Peak RSS during select: VmHWM, reset to the current RSS just before the selection. ru_maxrss is the "
-        "process peak so far, so it includes generating the matrix (and "
-        f"{peak['inherited_maxrss_mib']:,.0f} MiB already reported at interpreter start, inherited from "
-        "the parent benchmark process)."
+        "RSS before select: VmRSS once the matrix is built. Peak RSS during select: VmHWM, reset to the "
+        "current RSS just before the selection (/proc/self/clear_refs). ru_maxrss before: the process peak "
+        "so far, which includes the temporaries of generating the matrix "
+        f"(at interpreter start it read {peak['inherited_maxrss_mib']:,.0f} MiB). On Linux the VmHWM reset "
+        "also resets what ru_maxrss reports, so ru_maxrss after is the peak of the selection alone."
     )
 
     print()

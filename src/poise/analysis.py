@@ -17,6 +17,7 @@ matrix (including a memory-mapped one, gathered in bounded chunks) and knows not
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -24,7 +25,9 @@ import numpy as np
 from poise.attribution import CHUNK_ROWS, AttributionMatrix
 from poise.errors import PoiseError
 
-__all__ = ["aid", "aid_by_task", "coverage", "jaccard", "overlap", "task_summary", "thi"]
+__all__ = [
+    "Profile", "aid", "aid_by_task", "coverage", "jaccard", "overlap", "profile", "task_summary", "thi",
+]
 
 ThiMode = Literal["task", "instance"]
 
@@ -101,6 +104,49 @@ def _scan(
 
 def _counts_dict(matrix: AttributionMatrix, counts: np.ndarray) -> dict[str, int]:
     return {name: int(n) for name, n in zip(matrix.task_names, counts, strict=True)}
+
+
+# --------------------------------------------------------------------------------------- profile
+@dataclass
+class Profile:
+    """AID and both THI counts of one selection, from a single pass over its rows."""
+
+    aid: np.ndarray  # (V,) float64: mean of the selected rows (raw or normalised)
+    thi_task: dict[str, int]  # task-wise THI counts, every task a key, in `task_names` order
+    thi_instance: dict[str, int]  # instance-wise THI counts
+    n_picks: int
+    normalized: bool
+
+    def summary(self, matrix: AttributionMatrix) -> dict[str, dict[str, float]]:
+        """Per task: mean AID over its columns and both THI shares (see `task_summary`).
+
+        The "mean_normalized_influence" key holds raw influence if the profile was made raw.
+        """
+        out: dict[str, dict[str, float]] = {}
+        for name, cols in matrix.task_columns().items():
+            out[name] = {
+                "mean_normalized_influence": float(self.aid[cols].mean()),
+                "thi_share": self.thi_instance[name] / self.n_picks,
+                "thi_task_share": self.thi_task[name] / self.n_picks,
+            }
+        return out
+
+
+def profile(
+    matrix: AttributionMatrix, indices: np.ndarray | Sequence[int], normalized: bool = True
+) -> Profile:
+    """AID, task-wise and instance-wise THI of the selected rows in one pass (see `aid` and `thi`)."""
+    rows = _as_indices(matrix, indices)
+    if rows.size == 0:
+        raise PoiseError("the AID of an empty selection is undefined (no rows selected)")
+    total, by_instance, by_task = _scan(matrix, np.sort(rows), normalized)
+    return Profile(
+        aid=total / rows.size,
+        thi_task=_counts_dict(matrix, by_task),
+        thi_instance=_counts_dict(matrix, by_instance),
+        n_picks=int(rows.size),
+        normalized=normalized,
+    )
 
 
 # ------------------------------------------------------------------------------------------- AID
@@ -245,13 +291,4 @@ def task_summary(
     rows = _as_indices(matrix, indices)
     if rows.size == 0:
         raise PoiseError("cannot summarise an empty selection (no rows selected)")
-    total, by_instance, by_task = _scan(matrix, np.sort(rows), normalized=True)
-    mean = total / rows.size
-    out: dict[str, dict[str, float]] = {}
-    for k, (name, cols) in enumerate(matrix.task_columns().items()):
-        out[name] = {
-            "mean_normalized_influence": float(mean[cols].mean()),
-            "thi_share": float(by_instance[k] / rows.size),
-            "thi_task_share": float(by_task[k] / rows.size),
-        }
-    return out
+    return profile(matrix, rows, normalized=True).summary(matrix)

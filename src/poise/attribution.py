@@ -160,25 +160,22 @@ class AttributionMatrix:
     def iter_chunks(
         self, normalized: bool = False, chunk_rows: int = CHUNK_ROWS
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first row, float64 block of rows), raw or column-normalised."""
+        """Yield (first row, float32 block): the raw scores or the normalised A' (same bits as
+        `normalized()`). Reduce them with `dtype=np.float64` where precision matters."""
         stats = self.column_stats() if normalized else None
         for start in range(0, self.n_rows, chunk_rows):
-            block = np.asarray(self.scores[start : start + chunk_rows], dtype=np.float64)
-            if stats is not None:
-                block = normalize_block(block, stats).astype(np.float64)
-            yield start, block
+            block = np.asarray(self.scores[start : start + chunk_rows])
+            yield start, block if stats is None else normalize_block(block, stats)
 
     def normalized_rows(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """float32 normalised values of the given rows, bit-identical to `normalized()`."""
-        return normalize_block(np.asarray(self.scores[np.asarray(rows)], dtype=np.float64), self.column_stats())
+        return normalize_block(np.asarray(self.scores[np.asarray(rows)]), self.column_stats())
 
     def normalized(self) -> np.ndarray:
         """The whole column-normalised matrix A' = (A - mu_j) / sigma_j as float32 (in RAM)."""
-        stats = self.column_stats()
         out = np.empty(self.scores.shape, dtype=np.float32)
-        for start in range(0, self.n_rows, CHUNK_ROWS):
-            block = np.asarray(self.scores[start : start + CHUNK_ROWS], dtype=np.float64)
-            out[start : start + block.shape[0]] = normalize_block(block, stats)
+        for start, block in self.iter_chunks(normalized=True):
+            out[start : start + block.shape[0]] = block
         return out
 
     # -------------------------------------------------------------------------------- subsets
@@ -221,12 +218,16 @@ class AttributionMatrix:
 
 
 def normalize_block(block: np.ndarray, stats: ColumnStats) -> np.ndarray:
-    """(A - mu) / sigma per column for a float64 block, as float32; zero-variance columns give 0.
+    """A' = (A - mu) / sigma per column, computed in float64, returned as float32; zero-variance
+    columns give 0.
 
-    Elementwise, so the bits of a row do not depend on which block it was computed in.
+    Elementwise, so the bits of a row do not depend on which block it was computed in or whether it
+    arrived as float32 or float64 (float32 -> float64 is exact).
     """
-    safe = np.where(stats.std == 0.0, 1.0, stats.std)
-    out = ((block - stats.mean) / safe).astype(np.float32)
+    safe = np.where(stats.zero_variance, 1.0, stats.std)
+    wide = np.subtract(block, stats.mean, dtype=np.float64)
+    np.divide(wide, safe, out=wide)
+    out = wide.astype(np.float32)
     if stats.zero_variance.any():
         out[:, stats.zero_variance] = 0.0
     return out

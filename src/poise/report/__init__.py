@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from poise import __version__
-from poise.analysis import aid, aid_by_task, coverage, overlap, task_summary, thi
+from poise.analysis import aid_by_task, coverage, overlap, profile, task_summary
 from poise.attribution import AttributionMatrix
 from poise.errors import PoiseError
 from poise.io import atomic_write_bytes, atomic_write_text
@@ -214,12 +214,13 @@ def build_report(
     stems = slugs(names)
 
     aids, thi_task, thi_instance, coverages, summaries = [], [], [], [], []
-    for selection in selections:
-        aids.append(aid_by_task(matrix, aid(matrix, selection.indices, normalized=True)))
-        thi_task.append(thi(matrix, selection.indices, mode="task"))
-        thi_instance.append(thi(matrix, selection.indices, mode="instance"))
-        coverages.append(coverage(matrix, selection.indices))
-        summaries.append(task_summary(matrix, selection))
+    for selection in selections:  # two passes over each selection's rows: profile, then coverage
+        prof = profile(matrix, selection.indices, normalized=True)
+        aids.append(aid_by_task(matrix, prof.aid))
+        thi_task.append(prof.thi_task)
+        thi_instance.append(prof.thi_instance)
+        summaries.append(prof.summary(matrix))
+        coverages.append(coverage(matrix, selection.indices, normalized=True))
 
     def image(filename: str, png: bytes, alt: str, caption: str = "") -> Image:
         atomic_write_bytes(out / filename, png)

@@ -28,9 +28,9 @@ THI_CAPTION = (
     "the normalised matrix. A selection that over-serves one task shows one tall bar."
 )
 COVERAGE_CAPTION = (
-    "Coverage follows the instance-wise THI share of each task as the picks are added in order; the "
-    "dotted line is an equal share. Methods that rank rows by raw influence start on the task with "
-    "the largest influence scale; BIDS keeps the shares close together from the first picks on."
+    "Coverage follows the instance-wise THI share of each task as the picks are added in pick order; "
+    "the dotted line is an equal share. Curves that stay near it mean every task is served throughout "
+    "the selection; a curve far above it marks a task that the first picks over-serve."
 )
 OVERLAP_CAPTION = (
     "Overlap is the Jaccard similarity |A ∩ B| / |A ∪ B| between the sets of picked rows of two "
@@ -51,7 +51,6 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Ari
 main { max-width: 1200px; margin: 0 auto; padding: 24px 28px 48px; }
 h1 { font-size: 1.7rem; margin: 0 0 4px; }
 h2 { font-size: 1.25rem; margin: 32px 0 8px; border-bottom: 1px solid #d5d9e0; padding-bottom: 4px; }
-h3 { font-size: 1.02rem; margin: 18px 0 6px; }
 p.meta { color: #5a6272; margin: 0 0 12px; }
 p.caption { color: #3d4555; max-width: 70em; }
 table { border-collapse: collapse; background: #fff; margin: 8px 0 4px; font-size: 0.92rem; }
@@ -63,7 +62,6 @@ tbody tr:nth-child(even):not(.macro) td { background: #fafbfc; }
 figure { margin: 12px 0 22px; background: #fff; border: 1px solid #d5d9e0; padding: 10px; }
 figure img { max-width: 100%; height: auto; display: block; }
 figcaption { color: #5a6272; font-size: 0.88rem; margin-top: 6px; }
-code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.9em; }
 """
 
 

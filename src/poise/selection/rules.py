@@ -33,10 +33,10 @@ def _score_and_take(
             served[start:stop] = block.argmax(axis=1)
             scores[start:stop] = block[np.arange(block.shape[0]), served[start:stop]]
         elif reduce == "sum":
-            scores[start:stop] = block.sum(axis=1)
+            scores[start:stop] = block.sum(axis=1, dtype=np.float64)
             served[start:stop] = block.argmax(axis=1)
         elif reduce == "task-max":
-            per_task = np.stack([block[:, cols].mean(axis=1) for cols in groups], axis=1)  # (b, m)
+            per_task = np.stack([block[:, cols].mean(axis=1, dtype=np.float64) for cols in groups], axis=1)  # (b, m)
             best_task = per_task.argmax(axis=1)
             scores[start:stop] = per_task[np.arange(block.shape[0]), best_task]
             for k, cols in enumerate(groups):
