@@ -173,3 +173,22 @@ def test_print_summary_renders_a_row_per_task_and_columns_per_selection(matrix, 
     for header in ("bids infl.", "bids THI", "instance-max infl.", "instance-max THI", "macro"):
         assert header in text
     assert "%" in text and "×" in text
+
+
+def test_run_report_builds_the_page_from_saved_matrix_and_selection_folders(matrix, selections, tmp_path):
+    from poise.config import ReportConfig
+    from poise.report import run_report
+
+    matrix.save(tmp_path / "attribution")
+    folders = []
+    for selection in selections:
+        folder = tmp_path / "selections" / selection.method
+        poise.write_selection(selection, folder)
+        folders.append(str(folder))
+    config = ReportConfig(attribution=str(tmp_path / "attribution"), selections=folders,
+                          out=str(tmp_path / "report"), title="from disk")
+    path = run_report(config)
+    assert path == tmp_path / "report" / "report.html"
+    assert {"aid_bids.png", "thi_instance-max.png", "overlap.png"} <= set(parse(path).images)
+    with pytest.raises(PoiseError, match="at least one selection"):
+        run_report(ReportConfig(attribution=str(tmp_path / "attribution"), out=str(tmp_path / "r2")))

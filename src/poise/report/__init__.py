@@ -17,18 +17,23 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from poise import __version__
 from poise.analysis import aid_by_task, coverage, overlap, profile, task_summary
-from poise.attribution import AttributionMatrix
+from poise.attribution import AttributionMatrix, load_matrix
 from poise.errors import PoiseError
 from poise.io import atomic_write_bytes, atomic_write_text
-from poise.selection import Selection
+from poise.selection import Selection, read_selection
 
-__all__ = ["REPORT_FILE", "build_report", "display_names", "print_summary", "slugs", "summary_rows"]
+if TYPE_CHECKING:
+    from poise.config import ReportConfig
+
+__all__ = [
+    "REPORT_FILE", "build_report", "display_names", "print_summary", "run_report", "slugs", "summary_rows",
+]
 
 REPORT_FILE = "report.html"
 #: Slugs that would make a per-selection file collide with a comparison figure (aid_comparison.png).
@@ -274,3 +279,14 @@ def build_report(
     path = out / REPORT_FILE
     atomic_write_text(path, page)
     return path
+
+
+def run_report(config: ReportConfig) -> Path:
+    """The `poise report` stage: load the matrix and the selection folders, build the report."""
+    if not config.out:
+        raise PoiseError("--out DIR is required")
+    if not config.selections:
+        raise PoiseError("name at least one selection folder written by `poise select`")
+    matrix = load_matrix(config)
+    selections = [read_selection(path) for path in config.selections]
+    return build_report(matrix, selections, config.out, title=config.title, embed_images=config.embed_images)
