@@ -91,7 +91,7 @@ def cmd_select(args: argparse.Namespace) -> int:
             selection, reused = run_select(config, progress=update)
     else:
         selection, reused = run_select(config, progress=update)
-    console = Console(stderr=False)
+    console = Console(soft_wrap=True)
     verb = "up to date:" if reused else "selected"
     console.print(
         f"{verb} {len(selection.indices)} of {selection.n_pool} rows with {selection.label} "

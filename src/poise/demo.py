@@ -35,7 +35,7 @@ DEMO_METHODS: tuple[tuple[str, str, bool | None, str], ...] = (
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> Path:
     """Build the default inputs under `config.out`, run every method, write and summarise the report."""
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     started = time.perf_counter()
     out = Path(config.out)
     matrix, sources = synthetic_matrix(config.rows, config.columns_per_task, seed=config.seed)

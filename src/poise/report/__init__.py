@@ -132,42 +132,47 @@ def summary_rows(matrix: AttributionMatrix, selections: Sequence[Selection]) -> 
 
 
 def print_summary(matrix: AttributionMatrix, selections: Sequence[Selection], console: Any = None) -> None:
-    """Print the per-task summary as a rich table (to `console`, or a new stdout console)."""
+    """Print the summary as two rich tables, one row per selection and one column per task:
+    the THI share (where the picks' influence goes) and the mean normalised influence (how much)."""
     from rich.console import Console
     from rich.table import Table
 
     from poise.report.html import format_ratio
 
     rows = summary_rows(matrix, selections)
+    task_rows, macro = rows[:-1], rows[-1]
     names = display_names(selections)
-    table = Table(
-        title="Per-task summary of the selections",
-        caption="infl. = mean normalised influence on the task's validation examples; THI = share of "
-        "picks whose most influenced validation example is in the task; macro = mean infl. over tasks "
-        "and largest / smallest THI share (1.00x = balanced)",
-    )
-    table.add_column("task", style="bold", no_wrap=True)
-    for name in names:
-        table.add_column(f"{name} infl.", justify="right")
-        table.add_column(f"{name} THI", justify="right")
-    for row in rows:
-        if row["macro"]:
-            cells = [
-                text
-                for infl, ratio in zip(row["influence"], row["thi"], strict=True)
-                for text in (f"{infl:.3f}", format_ratio(ratio))
-            ]
-            table.add_row("macro", *cells, style="bold")
-        else:
-            cells = [
-                text
-                for infl, share in zip(row["influence"], row["thi"], strict=True)
-                for text in (f"{infl:.3f}", f"{100 * share:.1f}%")
-            ]
-            table.add_row(row["task"], *cells, end_section=row is rows[-2])
+    tasks = [row["task"] for row in task_rows]
     if console is None:
         console = Console()
-    console.print(table)
+
+    thi = Table(title="THI share: % of picks whose most influenced validation example is in the task",
+                caption="balance = largest / smallest task share (1.00x = perfectly balanced)")
+    infl = Table(title="Mean normalised influence of the selection on each task's validation examples")
+    for table in (thi, infl):
+        table.add_column("selection", style="bold", no_wrap=True)
+        for task in tasks:
+            table.add_column(task, justify="right")
+    thi.add_column("balance", justify="right", style="bold")
+    infl.add_column("macro", justify="right", style="bold")
+    for k, name in enumerate(names):
+        thi.add_row(name, *(f"{100 * row['thi'][k]:.0f}%" for row in task_rows), format_ratio(macro["thi"][k]))
+        infl.add_row(name, *(f"{row['influence'][k]:.2f}" for row in task_rows), f"{macro['influence'][k]:.2f}")
+    for table in (thi, infl):
+        width: int | None = None
+        if not console.is_terminal:
+            # a pipe or log file has no width limit: print whole cells rather than squeeze them to 80 columns
+            natural = sum(
+                max([len(str(c.header))] + [len(str(cell)) for cell in c._cells]) + 3 for c in table.columns
+            )
+            width = max(console.width, natural + 1, len(str(table.title or "")))
+        previous = console.width
+        if width is not None:
+            console.width = width  # console.print(width=...) cannot exceed the console's own width
+        try:
+            console.print(table)
+        finally:
+            console.width = previous
 
 
 # ---------------------------------------------------------------------------------------- report
