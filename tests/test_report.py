@@ -164,15 +164,28 @@ def test_summary_rows_have_a_row_per_task_and_a_macro_row(matrix, selections):
     assert rows[-1]["thi"][0] < rows[-1]["thi"][1]
 
 
-def test_print_summary_renders_a_row_per_task_and_columns_per_selection(matrix, selections):
+def test_print_summary_renders_a_row_per_selection_and_a_column_per_task(matrix, selections):
     console = Console(record=True, width=200)
     print_summary(matrix, selections, console=console)
     text = console.export_text()
     for task in matrix.task_names:
         assert task in text
-    for header in ("bids infl.", "bids THI", "instance-max infl.", "instance-max THI", "macro"):
-        assert header in text
+    for needle in ("THI share", "Mean normalised influence", "balance", "macro", "bids", "instance-max"):
+        assert needle in text
     assert "%" in text and "×" in text
+
+
+def test_print_summary_is_not_squeezed_when_piped(matrix, selections):
+    import io
+
+    stream = io.StringIO()
+    console = Console(file=stream, width=40, force_terminal=False)
+    print_summary(matrix, selections, console=console)
+    text = stream.getvalue()
+    assert "…" not in text
+    for task in matrix.task_names:
+        assert task in text
+    assert console.width == 40
 
 
 def test_run_report_builds_the_page_from_saved_matrix_and_selection_folders(matrix, selections, tmp_path):
