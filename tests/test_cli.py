@@ -175,3 +175,21 @@ def test_installed_command_prints_no_traceback(small_files, tmp_path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "poise: error: budget must be positive, got 0"
+
+
+def test_report_command_uses_the_matrix_recorded_in_the_selection(small_files, tmp_path, capsys) -> None:
+    for method in ("bids", "task-max"):
+        assert run(select_argv(small_files, tmp_path / method, "--method", method, "--budget", "10"), capsys)[0] == 0
+    code, stdout, _ = run(["report", tmp_path / "bids", tmp_path / "task-max", "--out", tmp_path / "report"], capsys)
+    assert code == 0
+    assert f"report: {tmp_path / 'report' / 'report.html'}" in stdout
+    assert "THI share" in stdout and "code" in stdout
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert 'src="aid_bids.png"' in html and 'src="thi_task-max.png"' in html
+
+
+def test_report_command_errors_are_one_line(small_files, tmp_path, capsys) -> None:
+    code, _, err = run(["report", tmp_path / "nothing", "--out", tmp_path / "report"], capsys)
+    assert_one_error_line(code, err, "nothing", "no such selection")
+    code, _, err = run(["report", "--out", tmp_path / "report"], capsys)
+    assert_one_error_line(code, err, "at least one selection")

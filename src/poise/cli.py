@@ -109,11 +109,14 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from poise.report import run_report
 
     config = build_config(ReportConfig, args, "report")
-    path = run_report(config)
-    print(f"report: {path}")
+    console = Console(soft_wrap=True)
+    path = run_report(config, console=console)
+    console.print(f"report: {path}")
     return 0
 
 

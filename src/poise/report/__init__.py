@@ -286,12 +286,37 @@ def build_report(
     return path
 
 
-def run_report(config: ReportConfig) -> Path:
-    """The `poise report` stage: load the matrix and the selection folders, build the report."""
+def _matrix_of(selection: Selection, config: ReportConfig) -> ReportConfig:
+    """The report config completed with the matrix recorded in a selection's settings."""
+    import dataclasses
+
+    settings = selection.arguments.get("settings") or {}
+    if not (settings.get("attribution") or settings.get("scores")):
+        raise PoiseError(
+            "the selection does not record its matrix; give --attribution DIR or --scores FILE --columns FILE"
+        )
+    if settings.get("method") == "rds":
+        raise PoiseError(
+            "the first selection was made on an RDS similarity matrix; give the influence matrix to report "
+            "on with --attribution DIR or --scores FILE --columns FILE"
+        )
+    return dataclasses.replace(
+        config, **{key: settings.get(key) for key in ("attribution", "scores", "columns", "rows")}
+    )
+
+
+def run_report(config: ReportConfig, console: Any = None) -> Path:
+    """The `poise report` stage: load the matrix and the selection folders, build the report, and
+    print the summary tables to `console` when one is given."""
     if not config.out:
         raise PoiseError("--out DIR is required")
     if not config.selections:
         raise PoiseError("name at least one selection folder written by `poise select`")
-    matrix = load_matrix(config)
     selections = [read_selection(path) for path in config.selections]
-    return build_report(matrix, selections, config.out, title=config.title, embed_images=config.embed_images)
+    if not (config.attribution or config.scores):
+        config = _matrix_of(selections[0], config)
+    matrix = load_matrix(config)
+    path = build_report(matrix, selections, config.out, title=config.title, embed_images=config.embed_images)
+    if console is not None:
+        print_summary(matrix, selections, console=console)
+    return path
