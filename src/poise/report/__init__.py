@@ -42,19 +42,22 @@ _SLUG_MAX = 48
 
 
 # ----------------------------------------------------------------------------------------- names
-def display_names(selections: Sequence[Selection]) -> list[str]:
-    """Each selection's label, made unique by appending ` #2`, ` #3`, ... to repeats."""
-    names: list[str] = []
-    taken: set[str] = set()
-    for selection in selections:
-        base = selection.label
+def _unique(bases: Sequence[str], taken: set[str], suffix: str) -> list[str]:
+    """Each base, made unique against `taken` and earlier results by appending suffix % k (k = 2, 3...)."""
+    out: list[str] = []
+    for base in bases:
         name, k = base, 1
         while name in taken:
             k += 1
-            name = f"{base} #{k}"
+            name = base + suffix % k
         taken.add(name)
-        names.append(name)
-    return names
+        out.append(name)
+    return out
+
+
+def display_names(selections: Sequence[Selection]) -> list[str]:
+    """Each selection's label, made unique by appending ` #2`, ` #3`, ... to repeats."""
+    return _unique([s.label for s in selections], set(), " #%d")
 
 
 def _slug(text: str) -> str:
@@ -64,17 +67,7 @@ def _slug(text: str) -> str:
 
 def slugs(names: Sequence[str]) -> list[str]:
     """Filesystem-safe ([a-z0-9-], lower case), unique file stems for the given names."""
-    out: list[str] = []
-    taken = set(_RESERVED_SLUGS)
-    for name in names:
-        base = _slug(name)
-        slug, k = base, 1
-        while slug in taken:
-            k += 1
-            slug = f"{base}-{k}"
-        taken.add(slug)
-        out.append(slug)
-    return out
+    return _unique([_slug(name) for name in names], set(_RESERVED_SLUGS), "-%d")
 
 
 # ------------------------------------------------------------------------------------- summaries

@@ -45,11 +45,12 @@ class Selection:
     @property
     def label(self) -> str:
         """Short name for tables and plots, e.g. `bids`, `bids (raw)`, `instance-max (norm)`."""
+        if self.arguments.get("label"):
+            return str(self.arguments["label"])
         default = METHODS[self.method].normalize_default if self.method in METHODS else False
-        if self.method in ("random",) or self.normalize == default:
-            return str(self.arguments.get("label") or self.method)
-        suffix = "norm" if self.normalize else "raw"
-        return str(self.arguments.get("label") or f"{self.method} ({suffix})")
+        if self.method == "random" or self.normalize == default:
+            return self.method
+        return f"{self.method} ({'norm' if self.normalize else 'raw'})"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -201,7 +202,6 @@ def read_selection(path: str | os.PathLike) -> Selection:
         n_pool=int(data["n_pool"]),
         indices=np.asarray(data["indices"], dtype=np.int64),
         trace=data["trace"],
-        normalize=bool(arguments.get("normalize", METHODS.get(data["method"]) and
-                                     METHODS[data["method"]].normalize_default)),
+        normalize=bool(arguments.get("normalize", data["method"] == "bids")),
         arguments=arguments,
     )
