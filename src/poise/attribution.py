@@ -414,3 +414,117 @@ def load_matrix(config: Any) -> AttributionMatrix:
     if not source:
         raise PoiseError("no attribution matrix given: use --attribution DIR or --scores FILE --columns FILE")
     return load_attribution(source, columns=config.columns, rows=config.rows)
+
+
+# ------------------------------------------------------------------------------- features -> A
+def _checkpoint_lr(info: dict) -> float | None:
+    checkpoint = (info.get("settings") or {}).get("checkpoint")
+    if not checkpoint:
+        return None
+    path = Path(checkpoint) / "checkpoint.json"
+    if not path.exists():
+        return None
+    value = read_json(path).get("lr_mean")
+    return float(value) if value is not None else None
+
+
+def _same(key: str, a: dict, b: dict) -> bool:
+    return (a.get("settings") or {}).get(key) == (b.get("settings") or {}).get(key)
+
+
+def compute_attribution(config: Any, progress=None) -> Path:
+    """A = sum_k w_k cos(train_k, val_k), streamed over chunks of training rows into `config.out`.
+
+    Weights default to each checkpoint's mean learning rate (LESS), normalised to sum 1. Refuses to
+    combine features from different projectors, dimensions, seeds, models or data orders.
+    """
+    import json
+
+    from poise.features.store import read_features
+
+    if not config.train or not config.val:
+        raise PoiseError("--train and --val features folders are required")
+    if len(config.train) != len(config.val):
+        raise PoiseError(f"{len(config.train)} train folders but {len(config.val)} val folders; give one of each "
+                         "per checkpoint, in the same order")
+    if not config.out:
+        raise PoiseError("--out is required")
+    trains = [read_features(p) for p in config.train]
+    vals = [read_features(p) for p in config.val]
+    t0, v0 = trains[0], vals[0]
+    for (tf, tids, tinfo), (vf, vids, vinfo), tpath, vpath in zip(trains, vals, config.train, config.val, strict=True):
+        kinds = (tinfo["settings"]["kind"], vinfo["settings"]["kind"])
+        if config.rds and kinds != ("reps", "reps"):
+            raise PoiseError(f"--rds needs representation features (--kind reps); {tpath}, {vpath} are {kinds}")
+        if not config.rds and "reps" in kinds:
+            raise PoiseError(f"{tpath if kinds[0] == 'reps' else vpath}: representation features; pass --rds")
+        for key in ("model", "checkpoint", "projection", "seed", "parameters", "pooling"):
+            if not _same(key, tinfo, vinfo):
+                raise PoiseError(f"{tpath} and {vpath}: features made with different {key}; train and validation "
+                                 "features of a checkpoint must share model, checkpoint and projector")
+        if tf.shape[1] != vf.shape[1]:
+            raise PoiseError(f"{tpath} ({tf.shape[1]} dims) and {vpath} ({vf.shape[1]} dims) differ in dimension")
+        if tids != t0[1]:
+            raise PoiseError(f"{tpath}: its rows differ from {config.train[0]} (another data set or order)")
+        if vids != v0[1]:
+            raise PoiseError(f"{vpath}: its rows differ from {config.val[0]} (another data set or order)")
+        for key in ("projection", "seed", "parameters", "model"):
+            if not _same(key, tinfo, t0[2]):
+                raise PoiseError(f"{tpath}: made with a different {key} than {config.train[0]}")
+    missing_task = [row["id"] for row in v0[1] if not row.get("task")]
+    if missing_task:
+        raise PoiseError(f"{config.val[0]}: validation example {missing_task[0]!r} has no task; give the features "
+                         "stage --task, a 'task' field, or one file per task")
+    if config.weights:
+        if len(config.weights) != len(trains):
+            raise PoiseError(f"{len(config.weights)} weights for {len(trains)} checkpoints")
+        try:
+            weights = [float(w) for w in config.weights]
+        except ValueError:
+            raise PoiseError(f"--weights must be numbers, got {config.weights}") from None
+    else:
+        lrs = [_checkpoint_lr(info) for _, _, info in trains]
+        weights = [1.0] * len(trains) if any(lr is None for lr in lrs) else [float(lr) for lr in lrs]  # type: ignore
+    total = sum(weights)
+    if not total > 0 or any(w < 0 for w in weights):
+        raise PoiseError(f"checkpoint weights must be non-negative with a positive sum, got {weights}")
+    weights = [w / total for w in weights]
+
+    out = Path(config.out)
+    settings = {
+        "train": [str(Path(p).resolve()) for p in config.train],
+        "val": [str(Path(p).resolve()) for p in config.val],
+        "weights": weights,
+        "kind": "rds" if config.rds else "influence",
+    }
+    if (out / INFO_FILE).exists() and not config.overwrite:
+        old = read_json(out / INFO_FILE).get("settings")
+        if old != settings:
+            raise PoiseError(f"{out}: holds an attribution matrix made from other features; use another --out "
+                             "or pass --overwrite")
+    n, m = t0[0].shape[0], v0[0].shape[0]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{SCORES_FILE}.tmp"
+    scores = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, m))
+    val_unit = [_unit_rows(np.asarray(vf, dtype=np.float32)) for vf, _, _ in vals]  # (M, d) each
+    for start in range(0, n, config.chunk_rows):
+        stop = min(n, start + config.chunk_rows)
+        block = np.zeros((stop - start, m), dtype=np.float32)
+        for w, (tf, _, _), vu in zip(weights, trains, val_unit, strict=True):
+            block += np.float32(w) * (_unit_rows(np.asarray(tf[start:stop], dtype=np.float32)) @ vu.T)
+        scores[start:stop] = block
+        if progress:
+            progress(stop, n)
+    scores.flush()
+    del scores
+    os.replace(tmp, out / SCORES_FILE)
+    atomic_write_lines(out / COLUMNS_FILE, (json.dumps({"id": r["id"], "task": r["task"]}) for r in v0[1]))
+    atomic_write_lines(out / ROWS_FILE, (json.dumps({"id": r["id"]}) for r in t0[1]))
+    atomic_write_json(out / INFO_FILE, {"n_rows": n, "n_columns": m, "kind": settings["kind"], "settings": settings})
+    return out
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms == 0, 1.0, norms)

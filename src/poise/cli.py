@@ -16,7 +16,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from poise import __version__
-from poise.config import DemoConfig, ReportConfig, SelectConfig, base_type, field_types, from_dict, load_yaml
+from poise.config import (
+    AttributeConfig,
+    DemoConfig,
+    FeaturesConfig,
+    ReportConfig,
+    SelectConfig,
+    base_type,
+    field_types,
+    from_dict,
+    load_yaml,
+)
 from poise.errors import PoiseError, PoiseWarning
 
 
@@ -78,6 +88,35 @@ def _progress(description: str):
     return progress, update
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from poise import distributed
+    from poise.features.stage import run_features
+
+    config = build_config(FeaturesConfig, args, "features")
+    started = time.perf_counter()
+    try:
+        out = run_features(config)
+    finally:
+        distributed.shutdown()
+    if distributed.is_main():
+        print(f"features: {out} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from poise.attribution import compute_attribution
+
+    config = build_config(AttributeConfig, args, "attribute")
+    bar, update = _progress("attribute")
+    if bar:
+        with bar:
+            out = compute_attribution(config, progress=update)
+    else:
+        out = compute_attribution(config)
+    print(f"attribution: {out} (poise select --attribution {out} ...)")
+    return 0
+
+
 def cmd_select(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -129,6 +168,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], int], str]] = {
+    "features": (FeaturesConfig, cmd_features, "per-example LoRA gradient features (or RDS representations)"),
+    "attribute": (AttributeConfig, cmd_attribute, "train + validation features -> the attribution matrix"),
     "select": (SelectConfig, cmd_select, "select a budgeted subset of the pool from an attribution matrix"),
     "report": (ReportConfig, cmd_report, "AID/THI/coverage/overlap plots and report.html for selections"),
     "demo": (DemoConfig, cmd_demo, "run every selection method and the report on the embedded default"),

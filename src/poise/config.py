@@ -18,7 +18,15 @@ from typing import Any
 import yaml
 
 from poise.errors import PoiseError
-from poise.options import SELECTION_METHODS
+from poise.options import (
+    ADAM_FORMULAS,
+    DTYPES,
+    FEATURE_KINDS,
+    POOLINGS,
+    PROJECTIONS,
+    SELECTION_METHODS,
+    TEMPLATES,
+)
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -71,6 +79,54 @@ class DemoConfig:
     columns_per_task: int = _f(10, "validation columns per task (7 tasks)")
     budget: str = _f("0.1", "selection budget (count or fraction)")
     seed: int = _f(0, "seed of the synthetic matrix and the random baseline")
+
+
+@dataclass
+class DataConfig:
+    """How examples become token sequences (shared by warmup and features)."""
+
+    max_seq_length: int = _f(2048, "truncate every example to this many tokens")
+    template: str = _f("auto", "chat template of the tokenizer (auto/chat) or the tulu format", choices=TEMPLATES)
+    max_tokens: int = _f(16384, "token budget of a batch (batch size x longest sequence)")
+    max_batch_size: int = _f(64, "most examples in a batch")
+
+
+@dataclass
+class FeaturesConfig(DataConfig):
+    """`poise features`: per-example LoRA gradient features (or RDS representations) of a data set."""
+
+    data: list[str] = _f([], "data files or folders (JSONL, JSON, parquet, datasets folder)", required=True)
+    out: str | None = _f(None, "output folder (features.npy, ids.jsonl, info.json)", required=True)
+    checkpoint: str | None = _f(None, "a poise checkpoint folder, or any peft adapter folder for sgd/reps")
+    model: str | None = _f(None, "base model: folder, hub id in the local cache, .gguf file or smollm2-135m "
+                           "(default: the one the checkpoint names)")
+    kind: str = _f("adam", "adam (training examples), sgd (validation examples) or reps (RDS)",
+                   choices=FEATURE_KINDS)
+    adam_formula: str = _f("less", "less = m'/sqrt(v'+eps) as LESS; textbook = bias-corrected Adam direction",
+                           choices=ADAM_FORMULAS)
+    projection: str = _f("sjlt", "sjlt (sparse JL), rademacher (dense, TRAK/LESS) or none", choices=PROJECTIONS)
+    dim: int = _f(8192, "projection dimension")
+    seed: int = _f(0, "projection seed")
+    pooling: str = _f("last", "reps only: last non-pad token (RDS) or masked mean (RDS+)", choices=POOLINGS)
+    task: str | None = _f(None, "task of every example (default: the row's 'task', else the file name)")
+    dtype: str = _f("float32", "model dtype", choices=DTYPES)
+    device: str = _f("cpu", "cpu, cuda, cuda:1, mps ... (under torchrun cuda means each rank's own GPU)")
+    output_dtype: str = _f("float32", "dtype of features.npy", choices=("float32", "float16"))
+    overwrite: bool = _f(False, "replace features made with other settings")
+
+
+@dataclass
+class AttributeConfig:
+    """`poise attribute`: train and validation features -> the attribution matrix A (N_train x N_val)."""
+
+    train: list[str] = _f([], "train features folders, one per checkpoint (comma-separated)", required=True)
+    val: list[str] = _f([], "validation features folders, the same checkpoints in the same order", required=True)
+    out: str | None = _f(None, "output attribution folder (what `poise select --attribution` reads)", required=True)
+    weights: list[str] | None = _f(None, "checkpoint weights (default: each checkpoint's mean learning rate); "
+                                   "normalised to sum 1")
+    rds: bool = _f(False, "the folders hold representations (--kind reps): write the RDS cosine matrix")
+    chunk_rows: int = _f(8192, "training rows per chunk (memory ~ chunk_rows x (d + N_val) floats)")
+    overwrite: bool = _f(False, "replace an attribution folder made from other features")
 
 
 def field_types(cls: type) -> dict[str, Any]:

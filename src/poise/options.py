@@ -12,3 +12,27 @@ MatrixKind = Literal["influence", "rds"]
 
 SELECTION_METHODS: tuple[str, ...] = get_args(SelectionMethod)
 MATRIX_KINDS: tuple[str, ...] = get_args(MatrixKind)
+
+FeatureKind = Literal["adam", "sgd", "reps"]
+"""adam: LESS's Adam-mapped training gradient; sgd: the plain gradient (validation); reps: RDS representations."""
+
+AdamFormula = Literal["less", "textbook"]
+"""less: m'/sqrt(v'+eps), no bias correction (LESS); textbook: bias-corrected m_hat/(sqrt(v_hat)+eps)."""
+
+Projection = Literal["sjlt", "rademacher", "none"]
+"""sjlt: sparse JL (CountSketch), O(n); rademacher: dense +-1 (TRAK/LESS), O(n*d); none: the raw gradient."""
+
+Pooling = Literal["last", "mean"]
+"""RDS representation: last non-pad token (LESS's RDS) or attention-masked mean (RDS+)."""
+
+Template = Literal["auto", "chat", "tulu"]
+"""Rendering: the tokenizer's chat template when it has one (auto), always it (chat), or the tulu format."""
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
+ADAM_FORMULAS: tuple[str, ...] = get_args(AdamFormula)
+PROJECTIONS: tuple[str, ...] = get_args(Projection)
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+TEMPLATES: tuple[str, ...] = get_args(Template)
+DTYPES: tuple[str, ...] = get_args(DType)

@@ -1,0 +1,196 @@
+"""The `poise features` stage: data set + checkpoint -> one row of features per example.
+
+Kinds: `adam` (training examples: LESS's Adam map of the gradient, using the checkpoint's moments),
+`sgd` (validation examples: the plain gradient) and `reps` (RDS: a final-layer representation).
+Gradients are exact per-example LoRA gradients from one batched backward pass (capture.py), projected
+parameter by parameter (projection.py) and L2-normalised (unless `--projection none`).
+
+Runs as one process or under torchrun: batches are built once from the token lengths, ranks take
+every world_size-th batch (so shards are length-balanced and the batches, hence the bits, are the same
+as in one process) and write their rows of one shared memmap. Finished batches are skipped on restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from poise import __version__, distributed
+from poise.config import FeaturesConfig, to_dict
+from poise.errors import PoiseError
+from poise.features.store import FeatureStore
+
+CHECKPOINT_FILE = "checkpoint.json"
+MOMENTS_FILE = "optimizer_moments.safetensors"
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def _base_model_of(checkpoint: Path) -> str:
+    if (checkpoint / CHECKPOINT_FILE).exists():
+        info = json.loads((checkpoint / CHECKPOINT_FILE).read_text())
+        if info.get("model"):
+            return str(info["model"])
+    config = checkpoint / "adapter_config.json"
+    if config.exists():
+        name = json.loads(config.read_text()).get("base_model_name_or_path")
+        if name:
+            return str(name)
+    raise PoiseError(f"{checkpoint}: cannot tell the base model; pass --model")
+
+
+def _load_moments(checkpoint: Path, names: list[str], device: str) -> tuple[dict, dict, dict]:
+    """exp_avg, exp_avg_sq by parameter name, and checkpoint.json (beta/eps/step)."""
+    from safetensors.torch import load_file
+
+    path = checkpoint / MOMENTS_FILE
+    if not path.exists():
+        raise PoiseError(
+            f"{checkpoint}: no {MOMENTS_FILE}; --kind adam needs the optimizer moments of a poise checkpoint "
+            "(poise warmup) or an imported HF-Trainer one (poise import-checkpoint); use --kind sgd for a plain adapter"
+        )
+    tensors = load_file(str(path), device=device)
+    missing = [n for n in names if f"{n}.exp_avg" not in tensors or f"{n}.exp_avg_sq" not in tensors]
+    if missing:
+        raise PoiseError(f"{path}: no moments for {len(missing)} LoRA parameter(s), e.g. {missing[0]}")
+    meta = json.loads((checkpoint / CHECKPOINT_FILE).read_text()) if (checkpoint / CHECKPOINT_FILE).exists() else {}
+    return ({n: tensors[f"{n}.exp_avg"] for n in names}, {n: tensors[f"{n}.exp_avg_sq"] for n in names}, meta)
+
+
+def _ids_digest(ids: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_features(config: FeaturesConfig) -> Path:
+    """Compute the features folder `config.out` (resuming an interrupted run with the same settings)."""
+    import torch
+    from poise.features.projection import make_projector
+
+    from poise.data import collate, read_examples, token_budget_batches, tokenize_examples
+    from poise.features.capture import backward_per_example, capture_lora_gradients, lora_linear_modules
+    from poise.features.precondition import adam_direction
+    from poise.model import load_adapter, load_model, load_tokenizer
+
+    if not config.data:
+        raise PoiseError("--data is required")
+    if not config.out:
+        raise PoiseError("--out is required")
+    checkpoint = Path(config.checkpoint) if config.checkpoint else None
+    if checkpoint is None and config.kind != "reps":
+        raise PoiseError(f"--kind {config.kind} needs --checkpoint (a poise checkpoint or a peft adapter folder)")
+    if checkpoint is not None and not checkpoint.is_dir():
+        raise PoiseError(f"checkpoint {str(checkpoint)!r} does not exist")
+    model_name = config.model or _base_model_of(checkpoint)  # type: ignore[arg-type]
+
+    distributed.init(config.device)
+    device = distributed.device_for_rank(config.device)
+    examples = [e for path in config.data for e in read_examples(path, task=config.task)]
+    tokenizer = load_tokenizer(model_name)
+    kept, tokenized, _excluded = tokenize_examples(
+        examples, tokenizer, config.max_seq_length, template=config.template, progress=distributed.is_main()
+    )
+    ids = [{"id": examples[i].id, "task": examples[i].task} for i in kept]
+
+    model = load_model(model_name, dtype=config.dtype, device=device)
+    if checkpoint is not None:
+        model = load_adapter(model, checkpoint, trainable=False)
+    model.eval()
+
+    settings: dict[str, Any] = {
+        "kind": config.kind,
+        "model": model_name,
+        "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
+        "data": [str(Path(p).resolve()) for p in config.data],
+        "ids": _ids_digest(ids),
+        "max_seq_length": config.max_seq_length,
+        "template": config.template,
+        "dtype": config.dtype,
+    }
+    if config.kind == "reps":
+        settings["pooling"] = config.pooling
+        dim = int(model.config.hidden_size)
+        projector = None
+    else:
+        modules = lora_linear_modules(model)
+        shapes = {name: tuple(m.weight.shape) for name, m in modules.items()}
+        projector = make_projector(config.projection, config.dim, config.seed, shapes, device=device)
+        dim = projector.dim
+        settings.update(projection=projector.describe(), seed=config.seed, parameters=[[n, list(s)] for n, s in
+                                                                                      shapes.items()])
+        if config.kind == "adam":
+            settings["adam_formula"] = config.adam_formula
+            exp_avg, exp_avg_sq, meta = _load_moments(checkpoint, list(shapes), device)  # type: ignore[arg-type]
+            betas = tuple(meta.get("betas", ADAM_BETAS))
+            eps = float(meta.get("eps", ADAM_EPS))
+            step = meta.get("step")
+            if config.adam_formula == "textbook" and step is None:
+                raise PoiseError(f"{checkpoint}: checkpoint.json has no 'step', needed by --adam-formula textbook")
+
+    store = FeatureStore.open(config.out, settings, ids, dim, dtype=config.output_dtype, overwrite=config.overwrite)
+    store.info["poise_version"] = __version__
+    store.info["arguments"] = to_dict(config)
+
+    batches = token_budget_batches([len(t.input_ids) for t in tokenized], config.max_tokens, config.max_batch_size)
+    done = store.done_batches()
+    mine = [k for k in range(len(batches)) if k % distributed.world_size() == distributed.rank() and k not in done]
+    pad_id = tokenizer.pad_token_id
+    padding_side = getattr(tokenizer, "padding_side", "right") or "right"
+
+    import sys
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    show = distributed.is_main() and sys.stderr.isatty()
+    with Progress(TextColumn(f"features ({config.kind})"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), disable=not show, transient=True) as bar:
+        task = bar.add_task("batches", total=len(mine))
+        for k in mine:
+            rows = batches[k]
+            batch = {key: value.to(device) for key, value in
+                     collate([tokenized[i] for i in rows], pad_id, padding_side).items()}
+            if config.kind == "reps":
+                values = _representations(model, batch, config.pooling)
+            else:
+                out = torch.zeros(len(rows), dim, dtype=torch.float32, device=device)
+
+                def sink(name: str, grad: torch.Tensor, out=out) -> None:
+                    flat = grad.reshape(grad.shape[0], -1).float()  # (b, n_p)
+                    if config.kind == "adam":
+                        flat = adam_direction(flat, exp_avg[name], exp_avg_sq[name], beta1=betas[0], beta2=betas[1],
+                                              eps=eps, mode="adam" if config.adam_formula == "textbook" else "less",
+                                              step=step)
+                    projector.add(name, flat, out)
+
+                with capture_lora_gradients(model, sink):
+                    backward_per_example(model, batch)
+                values = out
+                if config.projection != "none":
+                    values = torch.nn.functional.normalize(values, dim=1)
+            store.write_batch(k, np.asarray(rows, dtype=np.int64), values.detach().cpu().numpy())
+            bar.advance(task)
+    complete = store.finish(len(batches))
+    if not complete:  # pragma: no cover - only when another rank failed
+        raise PoiseError(f"{config.out}: some batches are missing; rerun the same command to finish")
+    return Path(config.out)
+
+
+def _representations(model: Any, batch: dict, pooling: str):
+    """(b, hidden) L2-normalised final-layer states: last non-pad token, or the masked mean."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1].float()  # (b, t, h)
+    mask = batch["attention_mask"]  # (b, t)
+    if pooling == "mean":
+        reps = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    else:
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask * positions).argmax(dim=1)  # (b,)
+        reps = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return torch.nn.functional.normalize(reps, dim=1)
