@@ -210,3 +210,44 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+@dataclass
+class WarmupConfig(DataConfig):
+    """`poise warmup`: LoRA warmup training on a random part of the pool (LESS defaults), a checkpoint per epoch."""
+
+    data: list[str] = _f([], "the pool: data files or folders (JSONL, JSON, parquet, datasets folder)", required=True)
+    model: str | None = _f(None, "base model: folder, hub id in the local cache, .gguf file or smollm2-135m",
+                           required=True)
+    out: str | None = _f(None, "run folder (checkpoint-<epoch>/ per epoch, arguments.json)", required=True)
+    fraction: float = _f(0.05, "train on this random fraction of the pool (seeded)")
+    examples: int | None = _f(None, "train on this many random examples of the pool instead of --fraction")
+    lora_r: int = _f(128, "LoRA rank")
+    lora_alpha: int = _f(512, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _f(0.1, "dropout on the LoRA input while training")
+    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get a LoRA adapter")
+    epochs: int = _f(4, "training epochs (one checkpoint each)")
+    lr: float = _f(2e-5, "peak learning rate (AdamW)")
+    warmup_ratio: float = _f(0.03, "fraction of all optimizer steps with linear warmup; then linear decay to 0")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    batch_size: int = _f(128, "examples per optimizer step (micro-batched by --max-tokens, gradients accumulated; "
+                              "split across ranks under torchrun)")
+    seed: int = _f(0, "seed of the subset, the example order of each epoch, the LoRA init and dropout")
+    dtype: str = _f("float32", "base model dtype (the LoRA weights and Adam state stay float32)", choices=DTYPES)
+    device: str = _f("cpu", "cpu, cuda, cuda:1, mps ... (under torchrun cuda means each rank's own GPU)")
+    overwrite: bool = _f(False, "start over in a run folder made with other settings")
+
+
+@dataclass
+class ImportConfig:
+    """`poise import-checkpoint`: turn an HF-Trainer LoRA checkpoint into a poise checkpoint (named moments)."""
+
+    checkpoint: str | None = _f(None, "an HF-Trainer checkpoint folder (adapter + optimizer.pt or FSDP optimizer.bin "
+                                      "+ trainer_state.json)", required=True)
+    out: str | None = _f(None, "the poise checkpoint folder to write", required=True)
+    model: str | None = _f(None, "base model (default: adapter_config.json's base_model_name_or_path)")
+    epoch: int | None = _f(None, "the epoch this checkpoint ends (default: trainer_state.json's epoch, rounded)")
+    overwrite: bool = _f(False, "replace an existing checkpoint folder made from another source")

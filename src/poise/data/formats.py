@@ -102,8 +102,8 @@ def _read_folder(folder: Path, task: str | None) -> list[Example]:
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and p.suffix in FILE_SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise PoiseError(f"{folder}: no .jsonl, .json or .parquet files in this folder (and it is not a datasets folder "
-                         "written by save_to_disk)")
+        raise PoiseError(f"{folder}: no .jsonl, .json or .parquet files in this folder (and it is not a datasets "
+                         "folder written by save_to_disk)")
     examples: list[Example] = []
     for file in files:
         found = list(_parse_rows(_file_rows(file), file.stem, id_prefix=f"{file.stem}/"))

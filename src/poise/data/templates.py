@@ -158,7 +158,8 @@ class _Encoder:
             raise PoiseError(f"unknown template {template!r} (expected auto, chat, tulu)")
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if template == "chat" and not has_chat:
-            raise PoiseError("template 'chat' was asked for but the tokenizer has no chat template; use 'tulu' or 'auto'")
+            raise PoiseError("template 'chat' was asked for but the tokenizer has no chat template; "
+                             "use 'tulu' or 'auto'")
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.kind = "chat" if template == "chat" or (template == "auto" and has_chat) else "tulu"
@@ -213,13 +214,15 @@ class _Encoder:
             return self.render(messages[:k], True, where)
         # a chat template cannot render an empty conversation (k = 0), and one without a generation prompt
         # cannot render the header alone: cut the rendered turn just before its content instead
-        content = messages[k]["content"].strip()
-        at = end.rfind(content) if content else -1
+        content = messages[k]["content"]
+        at = end.rfind(content.strip()) if content.strip() else -1
+        lead = content[:len(content) - len(content.lstrip())]  # kept by templates that do not strip
+        if at > 0 and lead and end[:at].endswith(lead):
+            at -= len(lead)
         if at < 0:
-            raise PoiseError(f"{where}: cannot find where the content of message {k + 1} (assistant) starts in the chat "
-                             "template's rendering (" + ("it opens the conversation" if k == 0 else
-                                                         "the template has no generation prompt") +
-                             "); use template='tulu'")
+            why = "it opens the conversation" if k == 0 else "the template has no generation prompt"
+            raise PoiseError(f"{where}: cannot find where the content of message {k + 1} (assistant) starts in the "
+                             f"chat template's rendering ({why}); use template='tulu'")
         return end[:at]
 
     # -------------------------------------------------------------------------------- tokenising

@@ -58,7 +58,8 @@ def _load_moments(checkpoint: Path, names: list[str], device: str) -> tuple[dict
     if missing:
         raise PoiseError(f"{path}: no moments for {len(missing)} LoRA parameter(s), e.g. {missing[0]}")
     meta = json.loads((checkpoint / CHECKPOINT_FILE).read_text()) if (checkpoint / CHECKPOINT_FILE).exists() else {}
-    return ({n: tensors[f"{n}.exp_avg"] for n in names}, {n: tensors[f"{n}.exp_avg_sq"] for n in names}, meta)
+    flat = {key: value.float().flatten() for key, value in tensors.items()}  # (n_p,) to match (b, n_p) gradients
+    return ({n: flat[f"{n}.exp_avg"] for n in names}, {n: flat[f"{n}.exp_avg_sq"] for n in names}, meta)
 
 
 def _ids_digest(ids: list[dict]) -> str:
@@ -68,11 +69,11 @@ def _ids_digest(ids: list[dict]) -> str:
 def run_features(config: FeaturesConfig) -> Path:
     """Compute the features folder `config.out` (resuming an interrupted run with the same settings)."""
     import torch
-    from poise.features.projection import make_projector
 
     from poise.data import collate, read_examples, token_budget_batches, tokenize_examples
     from poise.features.capture import backward_per_example, capture_lora_gradients, lora_linear_modules
     from poise.features.precondition import adam_direction
+    from poise.features.projection import make_projector
     from poise.model import load_adapter, load_model, load_tokenizer
 
     if not config.data:

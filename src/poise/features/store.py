@@ -94,6 +94,7 @@ class FeatureStore:
         """Write rows, flush them to disk, then record the batch as done."""
         self.features[rows] = values.astype(self.features.dtype, copy=False)
         self.features.flush()
+        _fault_point()
         if self._log is None:
             self._log = open(self.folder / PROGRESS_DIR / f"rank-{distributed.rank()}.log", "a")  # noqa: SIM115
         self._log.write(f"{batch_id}\n")
@@ -111,6 +112,23 @@ class FeatureStore:
             atomic_write_json(self.folder / INFO_FILE, {**self.info, "complete": True})
         distributed.barrier()
         return complete
+
+
+_WRITES = 0
+
+
+def _fault_point() -> None:
+    """Test hook: with POISE_KILL_AFTER_WRITES=n the process SIGKILLs itself after the n-th batch's rows
+    are flushed but before the batch is recorded as done (the worst moment to die)."""
+    global _WRITES
+    limit = os.environ.get("POISE_KILL_AFTER_WRITES")
+    if limit is None:
+        return
+    _WRITES += 1
+    if _WRITES >= int(limit):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def read_features(folder: str | os.PathLike) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:

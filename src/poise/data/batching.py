@@ -1,0 +1,105 @@
+"""Group examples into token-budget batches, pad them into tensors, and put results back in input order.
+
+Per-example gradients cost memory in proportion to batch size × padded length, so batches are packed by a
+token budget rather than a fixed size: examples sorted by length (longest first, so the first batch shows
+the peak memory at once) are added to a batch while `len(batch) * longest <= max_tokens`. The order is a
+pure function of the lengths, so every rank and every rerun builds the same batches. Because the loss is a
+sum of per-example losses that ignores padding (DESIGN.md §2.1), the batching never changes a result; only
+the order of results does, which `restore_order` undoes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+from poise.data.formats import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    import torch
+
+    from poise.data.templates import Tokenized
+
+PaddingSide = Literal["right", "left"]
+T = TypeVar("T")
+
+
+def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int | None = None,
+                         ) -> list[list[int]]:
+    """Indices into `lengths`, longest first (ties by index), packed greedily into batches.
+
+    A batch holds at most `max_batch_size` examples and `len(batch) * max(length in batch) <= max_tokens`
+    padded tokens; an example longer than `max_tokens` gets a batch of its own. Every index appears once.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+        raise ValueError(f"max_batch_size must be a positive integer or None, got {max_batch_size!r}")
+    if any(length < 0 for length in lengths):
+        raise ValueError("lengths must be non-negative")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        full = max_batch_size is not None and len(batch) >= max_batch_size
+        if batch and (full or (len(batch) + 1) * longest > max_tokens):
+            batches.append(batch)
+            batch = []
+        if not batch:
+            longest = lengths[i]  # sorted descending: the first example of a batch is its longest
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def collate(items: Sequence[Tokenized], pad_id: int, padding_side: PaddingSide = "right") -> dict[str, torch.Tensor]:
+    """Pad a batch into (B, T) long tensors: input_ids, attention_mask, labels (-100 at padding), position_ids.
+
+    position_ids = cumsum(attention_mask) - 1, clamped at 0, so every example counts positions from 0 at
+    its first real token whichever side is padded (models with absolute positions need them, and left
+    padding would otherwise shift rotary positions).
+    """
+    import torch
+
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    width = max(len(item.input_ids) for item in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item.input_ids)
+        if len(item.labels) != n:
+            raise ValueError(f"item {row}: {len(item.labels)} labels for {n} input ids")
+        cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        input_ids[row, cols] = torch.tensor(item.input_ids, dtype=torch.long)
+        labels[row, cols] = torch.tensor(item.labels, dtype=torch.long)
+        attention_mask[row, cols] = 1
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "position_ids": position_ids}
+
+
+def restore_order(batches: Sequence[Sequence[int]], per_batch_results: Sequence[Sequence[T]]) -> list[T]:
+    """Results in input order: item r of batch b is the result for input index batches[b][r].
+
+    The batches must cover 0..N-1 exactly once (as `token_budget_batches` returns them).
+    """
+    if len(batches) != len(per_batch_results):
+        raise ValueError(f"{len(batches)} batches but {len(per_batch_results)} batch results")
+    total = sum(len(batch) for batch in batches)
+    out: list = [None] * total
+    filled = [False] * total
+    for number, (batch, results) in enumerate(zip(batches, per_batch_results, strict=True)):
+        if len(batch) != len(results):
+            raise ValueError(f"batch {number} has {len(batch)} indices but {len(results)} results")
+        for index, result in zip(batch, results, strict=True):
+            if not 0 <= index < total or filled[index]:
+                raise ValueError(f"batches do not cover 0..{total - 1} exactly once (index {index})")
+            out[index] = result
+            filled[index] = True
+    return out

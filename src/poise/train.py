@@ -1,0 +1,683 @@
+"""The one LoRA training loop: warmup training with a checkpoint per epoch, and import of HF-Trainer checkpoints.
+
+LESS scores a training example at checkpoint k by its gradient mapped through the Adam state of k
+(m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2, Gamma = m'/sqrt(v'+eps)), weighted by the mean learning rate
+of epoch k. So a warmup checkpoint must keep, beside the adapter, the optimizer's moments keyed by
+parameter *name* (an index-keyed optimizer state means nothing without the model that made it) and the
+mean learning rate. A checkpoint folder `checkpoint-<epoch>/` holds:
+
+  adapter_model.safetensors, adapter_config.json   the peft adapter (`save_pretrained`)
+  optimizer_moments.safetensors                    `<name>.exp_avg`, `<name>.exp_avg_sq`, float32, for every
+                                                   trainable parameter, named as in `model.named_parameters()`
+  checkpoint.json                                  epoch, step, lr_mean, model, betas, eps, weight_decay, source
+  optimizer_state.pt                               (warmup only) the full AdamW state_dict, to resume exactly
+
+`run_warmup` trains with LESS's defaults (DESIGN.md §2.2): LoRA r=128, alpha=512, dropout 0.1 on q/k/v/o,
+a seeded random 5% of the pool, 4 epochs, AdamW (0.9, 0.999, 1e-8, no weight decay), lr 2e-5 with linear
+warmup over 3% of the steps and linear decay to 0 (the schedule of transformers'
+`get_linear_schedule_with_warmup`, so the first step has lr 0 when there is warmup), 128 examples per
+optimizer step. The loss of a step is the mean over its examples of each example's mean token loss
+(DESIGN.md §2.1), so an example's weight does not depend on its length or on how the step is micro-batched
+by the token budget. Under torchrun every rank takes a disjoint slice of each step's examples, the summed
+LoRA gradients are all-reduced, and every rank takes the same step; rank 0 writes. A rerun skips the
+epochs whose checkpoint is complete and resumes from the last one (adapter + full optimizer state +
+the epoch-seeded order and dropout), giving the same bits as an uninterrupted run.
+
+`import_checkpoint` converts a checkpoint written by `transformers.Trainer` (optimizer.pt, keyed by the
+index of the trainable parameter; or an FSDP optimizer.bin, keyed by name) into the same layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from poise import __version__, distributed
+from poise.config import ImportConfig, WarmupConfig, to_dict
+from poise.errors import PoiseError
+from poise.io import atomic_write_json, atomic_write_lines, read_json
+
+CHECKPOINT_FILE = "checkpoint.json"
+MOMENTS_FILE = "optimizer_moments.safetensors"
+OPTIMIZER_STATE_FILE = "optimizer_state.pt"
+ARGUMENTS_FILE = "arguments.json"
+EXAMPLES_FILE = "examples.jsonl"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+WARMUP_SOURCE = "poise warmup"
+IMPORT_SOURCE = "hf-trainer import"
+
+#: Settings that only change how a step is computed (micro-batching, placement), not what it computes:
+#: they may change between a run and its resumption (e.g. a smaller --max-tokens after running out of memory).
+_EXECUTION_SETTINGS = ("overwrite", "device", "max_tokens", "max_batch_size")
+
+#: Wrapper segments that FSDP, activation checkpointing, torch.compile and DDP put into parameter names.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+#: transformers.Trainer puts parameters whose (lower-cased) name matches one of these, or that belong to a
+#: LayerNorm, in its second (no weight decay) parameter group (`Trainer.get_decay_parameter_names`).
+_HF_NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+# ------------------------------------------------------------------------------------- schedule
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """Optimizer steps of linear warmup, as transformers computes them: ceil(total * ratio)."""
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def learning_rate(step: int, total_steps: int, n_warmup: int, peak: float) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup, then linear decay to 0.
+
+    Identical to transformers' `get_linear_schedule_with_warmup` (the scheduler is stepped after the
+    optimizer, so step 0 runs with lr 0 when there is warmup).
+    """
+    if step < n_warmup:
+        return peak * step / max(1, n_warmup)
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - n_warmup))
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def _parameter_order(model: Any) -> list[tuple[str, Any]]:
+    """Trainable (name, parameter) pairs in `named_parameters()` order."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def optimizer_moments(model: Any, optimizer: Any) -> dict[str, Any]:
+    """`<name>.exp_avg` / `<name>.exp_avg_sq` (float32, CPU) of every trainable parameter of `model`."""
+    import torch
+
+    moments: dict[str, Any] = {}
+    for name, p in _parameter_order(model):
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = state.get(key)
+            if value is None:  # never stepped: Adam's moments start at zero
+                value = torch.zeros_like(p, dtype=torch.float32)
+            moments[f"{name}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
+    return moments
+
+
+def write_checkpoint(folder: str | os.PathLike, write_adapter: Callable[[Path], None], moments: dict[str, Any],
+                     info: dict[str, Any], optimizer_state: dict | None = None,
+                     extra_json: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder atomically: everything goes into a hidden temporary folder that is then renamed.
+
+    `write_adapter(tmp)` writes the adapter files into the temporary folder; `extra_json` maps further file
+    names to JSON objects. A folder under the final name always has all its files.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write_adapter(tmp)
+    save_file(moments, str(tmp / MOMENTS_FILE), metadata={"format": "pt"})
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / OPTIMIZER_STATE_FILE)
+    for name, obj in (extra_json or {}).items():
+        atomic_write_json(tmp / name, obj)
+    atomic_write_json(tmp / CHECKPOINT_FILE, info)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    return (folder / CHECKPOINT_FILE).is_file() and (folder / MOMENTS_FILE).is_file()
+
+
+# ---------------------------------------------------------------------------------------- warmup
+def _as_float(config: Any, name: str, low: float, high: float, low_open: bool = False) -> float:
+    value = getattr(config, name)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PoiseError(f"--{name.replace('_', '-')}: expected a number, got {value!r}") from None
+    if not (low < number if low_open else low <= number) or not number <= high or math.isnan(number):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise PoiseError(f"--{name.replace('_', '-')}: must be in {interval}, got {value!r}")
+    return number
+
+
+def _as_positive_int(config: Any, name: str) -> int:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PoiseError(f"--{name.replace('_', '-')}: must be a positive whole number, got {value!r}")
+    return value
+
+
+class _Hyper:
+    """Validated numbers of a WarmupConfig (floats may arrive as text from YAML, e.g. `lr: 2e-5`)."""
+
+    def __init__(self, config: WarmupConfig):
+        self.fraction = _as_float(config, "fraction", 0.0, 1.0, low_open=True)
+        self.examples = None if config.examples is None else _as_positive_int(config, "examples")
+        self.lora_r = _as_positive_int(config, "lora_r")
+        self.lora_alpha = _as_float(config, "lora_alpha", 0.0, math.inf, low_open=True)
+        self.lora_dropout = _as_float(config, "lora_dropout", 0.0, 1.0)
+        self.epochs = _as_positive_int(config, "epochs")
+        self.lr = _as_float(config, "lr", 0.0, math.inf)
+        self.warmup_ratio = _as_float(config, "warmup_ratio", 0.0, 1.0)
+        self.weight_decay = _as_float(config, "weight_decay", 0.0, math.inf)
+        self.betas = (_as_float(config, "adam_beta1", 0.0, 1.0), _as_float(config, "adam_beta2", 0.0, 1.0))
+        self.eps = _as_float(config, "adam_eps", 0.0, math.inf)
+        self.batch_size = _as_positive_int(config, "batch_size")
+        if not config.target_modules:
+            raise PoiseError("--target-modules: name at least one module")
+
+
+def _settings(config: WarmupConfig) -> dict[str, Any]:
+    """The settings that determine the checkpoints (data paths made absolute)."""
+    settings = to_dict(config)
+    for key in _EXECUTION_SETTINGS:
+        settings.pop(key)
+    settings["data"] = [str(Path(p).resolve()) for p in config.data]
+    model_path = Path(str(config.model)).expanduser()
+    if model_path.exists():
+        settings["model"] = str(model_path.resolve())
+    return settings
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (for the per-epoch dropout RNG)."""
+    digest = hashlib.sha256(json.dumps(list(parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def subset_indices(n_pool: int, count: int, seed: int) -> list[int]:
+    """`count` distinct pool indices drawn uniformly with `seed`, in pool order."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n_pool, size=count, replace=False))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the `n` warmup examples in `epoch` (1-based): a permutation seeded by (seed, epoch)."""
+    import numpy as np
+
+    return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(n)]
+
+
+def _open_run(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse a run folder made with other settings (unless overwrite: then clear its checkpoints)."""
+    existing = out / ARGUMENTS_FILE
+    stale = existing.exists() and read_json(existing).get("settings") != settings
+    if stale and not overwrite:
+        differing = _differences(read_json(existing).get("settings") or {}, settings)
+        raise PoiseError(f"{out}: holds a warmup run made with other settings ({', '.join(differing) or 'unknown'}); "
+                         "use another --out or pass --overwrite")
+    distributed.barrier()  # every rank has checked before rank 0 changes anything
+    if distributed.is_main() and overwrite:
+        for folder in out.glob("checkpoint-*"):
+            if folder.is_dir() and re.fullmatch(r"checkpoint-\d+", folder.name):
+                shutil.rmtree(folder)
+    distributed.barrier()
+
+
+def _completed_epochs(out: Path, epochs: int) -> int:
+    """The last epoch k such that checkpoints 1..k are all complete."""
+    done = 0
+    while done < epochs and is_complete_checkpoint(out / f"checkpoint-{done + 1}"):
+        done += 1
+    return done
+
+
+def run_warmup(config: WarmupConfig) -> list[Path]:
+    """Train the warmup LoRA adapter; returns the checkpoint folders `out/checkpoint-1..epochs`.
+
+    Resumes from the last complete checkpoint of a run with the same settings; refuses a run folder made
+    with other settings unless `overwrite` (which starts over).
+    """
+    if not config.data:
+        raise PoiseError("--data is required")
+    if not config.model:
+        raise PoiseError("--model is required")
+    if not config.out:
+        raise PoiseError("--out is required")
+    hyper = _Hyper(config)
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise PoiseError(f"--out {str(out)!r} is a file, not a folder")
+    settings = _settings(config)
+    checkpoints = [out / f"checkpoint-{k}" for k in range(1, hyper.epochs + 1)]
+
+    distributed.init(config.device)
+    _open_run(out, settings, config.overwrite)
+    if not config.overwrite and _completed_epochs(out, hyper.epochs) == hyper.epochs:
+        return checkpoints
+    return _train(config, hyper, settings, out, checkpoints)
+
+
+def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: Path,
+           checkpoints: list[Path]) -> list[Path]:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from poise.data import collate, read_examples, token_budget_batches, tokenize_examples
+    from poise.features.capture import per_example_losses
+    from poise.model import attach_lora, load_model, load_tokenizer
+
+    device = distributed.device_for_rank(config.device)
+    world, rank = distributed.world_size(), distributed.rank()
+
+    # -- the warmup examples: a seeded random part of the pool, tokenised
+    examples = [e for path in config.data for e in read_examples(path)]
+    if not examples:
+        raise PoiseError(f"no examples in {', '.join(config.data)}")
+    count = hyper.examples if hyper.examples is not None else max(1, math.floor(hyper.fraction * len(examples)))
+    if count > len(examples):
+        raise PoiseError(f"--examples {count}: the pool has only {len(examples)} examples")
+    chosen = [examples[i] for i in subset_indices(len(examples), count, config.seed)]
+    tokenizer = load_tokenizer(config.model)
+    kept, tokenized, _excluded = tokenize_examples(chosen, tokenizer, config.max_seq_length,
+                                                   template=config.template, progress=distributed.is_main())
+    ids = [chosen[i].id for i in kept]
+    ids_digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+    n = len(tokenized)
+    steps_per_epoch = math.ceil(n / hyper.batch_size)
+    total_steps = steps_per_epoch * hyper.epochs
+    n_warmup = warmup_steps(total_steps, hyper.warmup_ratio)
+
+    # -- the run folder: same settings and same examples, else refuse
+    arguments_path = out / ARGUMENTS_FILE
+    if arguments_path.exists() and not config.overwrite:
+        previous = read_json(arguments_path).get("examples", {}).get("digest")
+        if previous is not None and previous != ids_digest:
+            raise PoiseError(f"{out}: its checkpoints were trained on other examples (the data changed); "
+                             "use another --out or pass --overwrite")
+    distributed.barrier()
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(arguments_path, {
+            "poise_version": __version__,
+            "settings": settings,
+            "arguments": to_dict(config),
+            "examples": {"pool": len(examples), "chosen": count, "trained": n, "digest": ids_digest,
+                         "file": EXAMPLES_FILE},
+            "schedule": {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": n_warmup},
+        })
+        atomic_write_lines(out / EXAMPLES_FILE, (json.dumps({"id": i}) for i in ids))
+    distributed.barrier()
+
+    # -- model, adapter, optimizer (resumed from the last complete checkpoint)
+    model = load_model(config.model, dtype=config.dtype, device=device)
+    model = attach_lora(model, r=hyper.lora_r, alpha=hyper.lora_alpha, dropout=hyper.lora_dropout,
+                        target_modules=config.target_modules, seed=config.seed)
+    model.to(device)
+    named = _parameter_order(model)
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps,
+                                  weight_decay=hyper.weight_decay)
+    start = 0 if config.overwrite else _completed_epochs(out, hyper.epochs)
+    if start:
+        last = out / f"checkpoint-{start}"
+        try:
+            adapter = load_file(str(last / ADAPTER_WEIGHTS), device=str(device))
+            result = set_peft_model_state_dict(model, adapter)
+            state = torch.load(last / OPTIMIZER_STATE_FILE, map_location=device, weights_only=True)
+            optimizer.load_state_dict(state)
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise PoiseError(f"{last}: cannot resume from it ({str(exc).splitlines()[0]}); "
+                             "delete the folder or pass --overwrite") from None
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if missing:
+            raise PoiseError(f"{last}/{ADAPTER_WEIGHTS}: no weights for {missing[0]}; delete the folder to redo it")
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    padding_side = getattr(tokenizer, "padding_side", "right") or "right"
+    lengths = [len(t.input_ids) for t in tokenized]
+    model.train()
+
+    show = distributed.is_main() and sys.stderr.isatty()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("warmup epoch {task.fields[epoch]}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} steps"), TextColumn("loss {task.fields[loss]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    # fork_rng: the per-epoch seeding of dropout does not leak into the caller's random state
+    with torch.random.fork_rng(devices=[]), Progress(*columns, disable=not show, transient=True) as bar:
+        task = bar.add_task("warmup", total=total_steps, completed=start * steps_per_epoch, epoch=start + 1,
+                            loss="-")
+        for epoch in range(start + 1, hyper.epochs + 1):
+            torch.manual_seed(_mix_seed(config.seed, epoch, rank))  # dropout: the same masks on every (re)run
+            order = epoch_order(n, config.seed, epoch)
+            rates, losses = [], []
+            for s in range(steps_per_epoch):
+                step = (epoch - 1) * steps_per_epoch + s
+                lr = learning_rate(step, total_steps, n_warmup, hyper.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = order[s * hyper.batch_size:(s + 1) * hyper.batch_size]
+                mine = batch[rank::world]  # this rank's disjoint slice of the step's examples
+                loss = _accumulate(model, [tokenized[i] for i in mine], [lengths[i] for i in mine], len(batch),
+                                   config.max_tokens, config.max_batch_size, pad_id, padding_side, device,
+                                   collate, token_budget_batches, per_example_losses)
+                loss = _sync_gradients(params, loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                rates.append(lr)
+                losses.append(loss)
+                bar.update(task, advance=1, epoch=epoch, loss=f"{loss:.4f}")
+            if distributed.is_main():
+                info = {
+                    "epoch": epoch,
+                    "step": epoch * steps_per_epoch,
+                    "lr_mean": sum(rates) / len(rates),
+                    "model": config.model,
+                    "betas": list(hyper.betas),
+                    "eps": hyper.eps,
+                    "weight_decay": hyper.weight_decay,
+                    "source": WARMUP_SOURCE,
+                    "train_loss": sum(losses) / len(losses),
+                    "examples": n,
+                }
+                write_checkpoint(checkpoints[epoch - 1], lambda tmp: model.save_pretrained(str(tmp)),
+                                 optimizer_moments(model, optimizer), info, optimizer.state_dict())
+            distributed.barrier()
+    return checkpoints
+
+
+def _accumulate(model: Any, items: Sequence[Any], lengths: Sequence[int], global_size: int, max_tokens: int,
+                max_batch_size: int, pad_id: int, padding_side: str, device: Any, collate: Callable,
+                token_budget_batches: Callable, per_example_losses: Callable) -> float:
+    """Backward this rank's examples of one step, micro-batched; returns their summed loss / global_size.
+
+    The loss differentiated is sum_i loss_i / global_size, so after the cross-rank sum the gradient is that
+    of the mean over the step's examples of each example's mean token loss.
+    """
+    total = 0.0
+    if not items:
+        return total
+    for micro in token_budget_batches(list(lengths), max_tokens, max_batch_size):
+        batch = {k: v.to(device) for k, v in collate([items[i] for i in micro], pad_id, padding_side).items()}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], use_cache=False)
+        loss = per_example_losses(out.logits, batch["labels"]).sum() / global_size
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _sync_gradients(params: Sequence[Any], loss: float) -> float:
+    """Sum the LoRA gradients (and the loss) over ranks; a rank without examples contributes zeros."""
+    import torch
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if distributed.world_size() <= 1:
+        return loss
+    import torch.distributed as dist
+
+    for p in params:
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    total = torch.tensor([loss], dtype=torch.float64, device=params[0].device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total.item())
+
+
+# ----------------------------------------------------------------------------------------- import
+def _canonical(name: str) -> str:
+    """A parameter name without wrapper segments, DDP's `module.`, peft's `base_model.model.` or `.default`."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    for prefix in ("module.", "base_model.model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.replace(".default.", ".")
+
+
+def _load_optimizer_file(path: Path) -> dict:
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        raise PoiseError(f"{path}: holds pickled objects that a weights-only load refuses ({first}); "
+                         "poise never unpickles arbitrary objects") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise PoiseError(f"{path}: cannot read ({str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r})") \
+            from None
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
+        raise PoiseError(f"{path}: not an optimizer state_dict (expected a mapping with 'state' and 'param_groups')")
+    return state
+
+
+def _trainable_shapes(model_name: str, adapter_folder: Path) -> tuple[list[tuple[str, tuple[int, ...]]], Any]:
+    """(name, shape) of the trainable parameters of base model + adapter, in `named_parameters()` order.
+
+    Built on the meta device from the model's config and the adapter's config: no weights are loaded.
+    """
+    import torch
+    from peft import PeftConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from poise.model import model_folder
+
+    try:
+        peft_config = PeftConfig.from_pretrained(str(adapter_folder))
+    except (OSError, ValueError, TypeError) as exc:
+        raise PoiseError(f"{adapter_folder}/{ADAPTER_CONFIG}: cannot read ({str(exc).splitlines()[0]})") from None
+    peft_config.inference_mode = False
+    try:
+        base_config = AutoConfig.from_pretrained(model_folder(model_name))
+    except (OSError, ValueError) as exc:
+        raise PoiseError(f"model {model_name!r}: cannot read its config ({str(exc).splitlines()[0]})") from None
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(base_config)
+        try:
+            model = get_peft_model(base, peft_config)
+        except ValueError as exc:
+            raise PoiseError(f"{adapter_folder}: the adapter does not fit model {model_name!r} "
+                             f"({str(exc).splitlines()[0]})") from None
+    return [(name, tuple(p.shape)) for name, p in _parameter_order(model)], model
+
+
+def _hf_index_order(names: list[str], model: Any, group_sizes: list[int], path: Path) -> list[str]:
+    """Parameter names in the order transformers.Trainer indexes its optimizer state.
+
+    Trainer makes two groups, weight decay then no weight decay, each in `named_parameters()` order; with a
+    LoRA adapter alone the second group is empty and index i is the i-th trainable parameter.
+    """
+    if len(names) != sum(group_sizes):
+        raise PoiseError(f"{path}: the optimizer has {sum(group_sizes)} parameters, the adapter "
+                         f"{len(names)} trainable ones (another adapter or model?)")
+    if sum(1 for size in group_sizes if size) <= 1:
+        return names
+    from torch import nn
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay = set(get_parameter_names(model, [nn.LayerNorm], list(_HF_NO_DECAY_PATTERNS)))
+    order = [n for n in names if n in decay] + [n for n in names if n not in decay]
+    if len(group_sizes) != 2 or group_sizes[0] != sum(1 for n in names if n in decay):
+        raise PoiseError(f"{path}: parameter groups of sizes {group_sizes} do not match transformers.Trainer's "
+                         "grouping of this adapter's parameters; cannot tell which state belongs to which parameter")
+    return order
+
+
+def _moments_by_index(state: dict, names: list[str], model: Any, path: Path) -> dict[str, dict]:
+    groups = state.get("param_groups") or []
+    group_sizes = [len(g.get("params", [])) for g in groups if isinstance(g, dict)]
+    if not group_sizes:
+        group_sizes = [len(state["state"])]
+    order = _hf_index_order(names, model, group_sizes, path)
+    indices = [i for g in groups for i in g.get("params", [])] if groups else sorted(state["state"])
+    by_name: dict[str, dict] = {}
+    for position, name in enumerate(order):
+        index = indices[position]
+        entry = state["state"].get(index, state["state"].get(str(index)))
+        if entry is None:
+            raise PoiseError(f"{path}: no optimizer state for parameter {index} ({name})")
+        by_name[name] = entry
+    return by_name
+
+
+def _moments_by_name(state: dict, names: list[str], path: Path) -> dict[str, dict]:
+    wanted = {}
+    for name in names:
+        key = _canonical(name)
+        if key in wanted:
+            raise PoiseError(f"{path}: two trainable parameters share the name {key!r} once wrappers are removed")
+        wanted[key] = name
+    by_name: dict[str, dict] = {}
+    unknown = []
+    for key, entry in state["state"].items():
+        name = wanted.get(_canonical(str(key)))
+        if name is None:
+            unknown.append(str(key))
+            continue
+        if name in by_name:
+            raise PoiseError(f"{path}: two optimizer entries for parameter {name}")
+        by_name[name] = entry
+    if unknown:
+        raise PoiseError(f"{path}: optimizer state for {len(unknown)} parameter(s) the adapter does not have as "
+                         f"trainable, e.g. {unknown[0]!r}")
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise PoiseError(f"{path}: no optimizer state for {len(missing)} trainable parameter(s), e.g. {missing[0]}")
+    return by_name
+
+
+def _hf_lr_mean(trainer_state: dict, epoch: int, path: Path) -> float:
+    rates = [float(entry["learning_rate"]) for entry in trainer_state.get("log_history", [])
+             if isinstance(entry, dict) and "learning_rate" in entry and "epoch" in entry
+             and epoch - 1 < float(entry["epoch"]) <= epoch + 1e-9]
+    if not rates:
+        raise PoiseError(f"{path}: no learning_rate logged in epoch {epoch} (log_history entries with epoch in "
+                         f"({epoch - 1}, {epoch}]); train with logging_steps small enough to log every epoch")
+    return sum(rates) / len(rates)
+
+
+def import_checkpoint(config: ImportConfig) -> Path:
+    """Convert an HF-Trainer LoRA checkpoint into a poise checkpoint folder `config.out`; returns it."""
+    import torch
+
+    if not config.checkpoint:
+        raise PoiseError("--checkpoint is required")
+    if not config.out:
+        raise PoiseError("--out is required")
+    source = Path(config.checkpoint)
+    out = Path(config.out)
+    if not source.is_dir():
+        raise PoiseError(f"checkpoint folder {str(source)!r} does not exist")
+    if not (source / ADAPTER_CONFIG).is_file():
+        raise PoiseError(f"{source}: no {ADAPTER_CONFIG} (not a peft LoRA checkpoint)")
+    if not (source / ADAPTER_WEIGHTS).is_file() and not (source / "adapter_model.bin").is_file():
+        raise PoiseError(f"{source}: no {ADAPTER_WEIGHTS} (the adapter weights)")
+    state_path = source / "trainer_state.json"
+    if not state_path.is_file():
+        raise PoiseError(f"{source}: no trainer_state.json (needed for the step and the learning rates)")
+    optimizer_path = next((source / n for n in ("optimizer.pt", "optimizer.bin") if (source / n).is_file()), None)
+    if optimizer_path is None:
+        sharded = " (a sharded FSDP optimizer_0/ folder is not supported: save a full state dict)" \
+            if (source / "optimizer_0").is_dir() else ""
+        raise PoiseError(f"{source}: no optimizer.pt or optimizer.bin{sharded}; the Adam moments are needed")
+
+    adapter_config = read_json(source / ADAPTER_CONFIG)
+    model_name = config.model or adapter_config.get("base_model_name_or_path")
+    if not model_name:
+        raise PoiseError(f"{source}/{ADAPTER_CONFIG} names no base model; pass --model")
+    trainer_state = read_json(state_path)
+    if config.epoch is not None:
+        epoch = int(config.epoch)
+    elif trainer_state.get("epoch") is not None:
+        epoch = int(round(float(trainer_state["epoch"])))
+    else:
+        raise PoiseError(f"{state_path}: no 'epoch'; pass --epoch")
+    if epoch < 1:
+        raise PoiseError(f"epoch must be at least 1, got {epoch}")
+
+    settings = {"checkpoint": str(source.resolve()), "model": model_name, "epoch": epoch}
+    if (out / CHECKPOINT_FILE).exists() and not config.overwrite:
+        previous = read_json(out / ARGUMENTS_FILE).get("settings") if (out / ARGUMENTS_FILE).exists() else None
+        if previous == settings and is_complete_checkpoint(out):
+            return out
+        raise PoiseError(f"{out}: already holds a checkpoint from another source; use another --out or "
+                         "pass --overwrite")
+
+    shapes, meta_model = _trainable_shapes(str(model_name), source)
+    names = [n for n, _ in shapes]
+    state = _load_optimizer_file(optimizer_path)
+    if any(isinstance(k, str) and not k.isdigit() for k in state["state"]):  # FSDP: keyed by parameter name
+        by_name = _moments_by_name(state, names, optimizer_path)
+    else:
+        by_name = _moments_by_index(state, names, meta_model, optimizer_path)
+
+    moments: dict[str, Any] = {}
+    for name, shape in shapes:
+        entry = by_name[name]
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = entry.get(key) if isinstance(entry, dict) else None
+            if not isinstance(value, torch.Tensor):
+                raise PoiseError(f"{optimizer_path}: no {key} for {name} (not an Adam/AdamW state)")
+            if tuple(value.shape) != shape:
+                raise PoiseError(f"{optimizer_path}: {key} of {name} has shape {tuple(value.shape)}, the parameter "
+                                 f"{shape} (another adapter, or a flattened/sharded FSDP state?)")
+            moments[f"{name}.{key}"] = value.detach().to(torch.float32).contiguous()
+
+    group = next((g for g in state.get("param_groups", []) if isinstance(g, dict)), {})
+    betas = [float(b) for b in group.get("betas", (0.9, 0.999))]
+    info = {
+        "epoch": epoch,
+        "step": int(trainer_state.get("global_step", 0)),
+        "lr_mean": _hf_lr_mean(trainer_state, epoch, state_path),
+        "model": str(model_name),
+        "betas": betas,
+        "eps": float(group.get("eps", 1e-8)),
+        "weight_decay": float(group.get("weight_decay", 0.0)),
+        "source": IMPORT_SOURCE,
+        "imported_from": str(source.resolve()),
+    }
+
+    def write_adapter(tmp: Path) -> None:
+        shutil.copyfile(source / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
+        if (source / ADAPTER_WEIGHTS).is_file():
+            shutil.copyfile(source / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
+            return
+        from safetensors.torch import save_file
+
+        weights = _load_weights(source / "adapter_model.bin")
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arguments = {"poise_version": __version__, "settings": settings, "arguments": to_dict(config)}
+    write_checkpoint(out, write_adapter, moments, info, extra_json={ARGUMENTS_FILE: arguments})
+    return out
+
+
+def _load_weights(path: Path) -> dict:
+    """A weights-only torch file holding a flat {name: tensor} mapping (an old adapter_model.bin)."""
+    import pickle
+
+    import torch
+
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, OSError, RuntimeError, EOFError) as exc:
+        raise PoiseError(f"{path}: cannot read as weights only ({str(exc).strip().splitlines()[0]})") from None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise PoiseError(f"{path}: expected a mapping of parameter names to tensors")
+    return weights

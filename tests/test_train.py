@@ -1,0 +1,352 @@
+"""Warmup training (checkpoint layout, determinism, resume, a reference AdamW loop) and HF-Trainer import."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_llama, tiny_tokenizer, write_jsonl
+
+from poise.config import ImportConfig, WarmupConfig
+from poise.errors import PoiseError
+from poise.train import (
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_FILE,
+    MOMENTS_FILE,
+    OPTIMIZER_STATE_FILE,
+    epoch_order,
+    import_checkpoint,
+    run_warmup,
+    subset_indices,
+)
+
+WORDS = ["apple", "river", "seven", "blue", "code", "sum", "proof", "list", "tree", "fast", "print", "moon"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class NotATensor:
+    """Something torch's weights-only unpickler refuses (a pickle-only optimizer file holds one)."""
+
+    def __init__(self, value: int = 1):
+        self.value = value
+
+
+def conversation(i: int) -> dict:
+    user = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(2 + (i * 5) % 7))
+    answer = " ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(1 + (i * 7) % 5))
+    return {"id": f"ex{i}", "messages": [{"role": "user", "content": user},
+                                         {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """A tiny model folder, a 40-example tulu pool and a warmup run (2 epochs, dropout on) of 24 of them."""
+    root = tmp_path_factory.mktemp("warmup")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    pool = write_jsonl(root / "pool.jsonl", [conversation(i) for i in range(40)])
+    config = WarmupConfig(data=[str(pool)], model=str(root / "model"), out=str(root / "run-a"), examples=24,
+                          epochs=2, batch_size=8, lora_r=4, lora_alpha=16, lr=1e-3, max_tokens=96, seed=3)
+    checkpoints = run_warmup(config)
+    return {"root": root, "pool": pool, "model": root / "model", "config": config, "checkpoints": checkpoints}
+
+
+def trainable_names(model_dir: Path, checkpoint: Path) -> list[str]:
+    from poise.model import load_adapter, load_model, lora_parameters
+
+    return list(lora_parameters(load_adapter(load_model(str(model_dir)), checkpoint, trainable=True)))
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> None:
+    """Equal up to summation order: the largest difference is below `tol` times the largest magnitude."""
+    assert actual.shape == expected.shape
+    scale = float(expected.abs().max())
+    assert scale > 0 and float((actual - expected).abs().max()) <= tol * scale
+
+
+def tensors_equal(a: Path, b: Path) -> None:
+    left, right = load_file(str(a)), load_file(str(b))
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), key
+
+
+# ------------------------------------------------------------------------------------------ warmup
+def test_warmup_writes_the_checkpoint_layout(setup):
+    out = Path(setup["config"].out)
+    assert setup["checkpoints"] == [out / "checkpoint-1", out / "checkpoint-2"]
+    assert (out / "arguments.json").is_file() and (out / "examples.jsonl").is_file()
+    assert not list(out.glob(".*partial"))
+    names = trainable_names(setup["model"], out / "checkpoint-1")
+    assert len(names) == 2 * 2 * len(TARGETS)
+    assert names[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    infos = []
+    for k, folder in enumerate(setup["checkpoints"], start=1):
+        for name in (ADAPTER_WEIGHTS, "adapter_config.json", MOMENTS_FILE, CHECKPOINT_FILE, OPTIMIZER_STATE_FILE):
+            assert (folder / name).is_file(), name
+        moments = load_file(str(folder / MOMENTS_FILE))
+        assert sorted(moments) == sorted(f"{n}.{m}" for n in names for m in ("exp_avg", "exp_avg_sq"))
+        for name in names:
+            assert moments[f"{name}.exp_avg"].dtype == torch.float32
+            v = moments[f"{name}.exp_avg_sq"]
+            assert bool((v >= 0).all()) and bool((v > 0).any()), name
+        info = json.loads((folder / CHECKPOINT_FILE).read_text())
+        assert info["epoch"] == k and info["step"] == 3 * k  # 24 examples / 8 per step
+        assert info["model"] == setup["config"].model and info["source"] == "poise warmup"
+        assert info["betas"] == [0.9, 0.999] and info["eps"] == 1e-8 and info["weight_decay"] == 0.0
+        infos.append(info)
+    # 6 steps, ceil(0.03 * 6) = 1 warmup step (lr 0), then linear decay: lr_s = 1e-3 * (6 - s) / 5
+    rates = [1e-3 * s for s in (0, 1)] + [1e-3 * (6 - s) / 5 for s in range(1, 6)]
+    assert infos[0]["lr_mean"] == pytest.approx(sum(rates[:1] + rates[2:4]) / 3)
+    assert infos[1]["lr_mean"] == pytest.approx(sum(rates[4:7]) / 3)
+    assert infos[0]["lr_mean"] > infos[1]["lr_mean"] > 0
+    ids = [json.loads(line)["id"] for line in (out / "examples.jsonl").read_text().splitlines()]
+    assert ids == [f"ex{i}" for i in subset_indices(40, 24, 3)]
+
+
+def test_warmup_is_deterministic_and_resumes_exactly(setup):
+    first = Path(setup["config"].out)
+    second = setup["root"] / "run-b"
+    config = dataclasses.replace(setup["config"], out=str(second))
+    run_warmup(config)
+    for k in (1, 2):
+        for name in (ADAPTER_WEIGHTS, MOMENTS_FILE):
+            tensors_equal(first / f"checkpoint-{k}" / name, second / f"checkpoint-{k}" / name)
+        assert (first / f"checkpoint-{k}" / CHECKPOINT_FILE).read_text() == \
+            (second / f"checkpoint-{k}" / CHECKPOINT_FILE).read_text()
+    # interrupted after epoch 1: the rerun resumes from checkpoint-1 and ends where the uninterrupted run did
+    shutil.rmtree(second / "checkpoint-2")
+    before = (second / "checkpoint-1" / MOMENTS_FILE).stat().st_mtime_ns
+    run_warmup(config)
+    assert (second / "checkpoint-1" / MOMENTS_FILE).stat().st_mtime_ns == before  # not redone
+    for name in (ADAPTER_WEIGHTS, MOMENTS_FILE):
+        tensors_equal(first / "checkpoint-2" / name, second / "checkpoint-2" / name)
+        assert (first / "checkpoint-2" / name).read_bytes() == (second / "checkpoint-2" / name).read_bytes()
+    # complete: a rerun changes nothing
+    before = (second / "checkpoint-2" / MOMENTS_FILE).stat().st_mtime_ns
+    assert run_warmup(config) == [second / "checkpoint-1", second / "checkpoint-2"]
+    assert (second / "checkpoint-2" / MOMENTS_FILE).stat().st_mtime_ns == before
+
+
+def test_warmup_refuses_a_run_folder_with_other_settings(setup):
+    changed = dataclasses.replace(setup["config"], lr=2e-3)
+    with pytest.raises(PoiseError, match="other settings \\(lr\\)") as info:
+        run_warmup(changed)
+    assert "\n" not in str(info.value)
+    # execution settings may change (e.g. a smaller token budget after running out of memory)
+    assert run_warmup(dataclasses.replace(setup["config"], max_tokens=48, max_batch_size=2))
+
+
+def test_warmup_bad_settings_are_one_line_errors(setup):
+    for change, match in [({"fraction": 0.0}, "fraction"), ({"examples": 41}, "only 40"),
+                          ({"lr": "fast"}, "expected a number"), ({"batch_size": 0}, "batch-size")]:
+        config = dataclasses.replace(setup["config"], out=str(setup["root"] / "bad"), **change)
+        with pytest.raises(PoiseError, match=match) as info:
+            run_warmup(config)
+        assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def no_dropout(setup) -> tuple[WarmupConfig, list[Path]]:
+    """A warmup without dropout (so a reference can reproduce it), micro-batched by a small token budget."""
+    config = dataclasses.replace(setup["config"], out=str(setup["root"] / "run-ref"), lora_dropout=0.0,
+                                 max_tokens=40, warmup_ratio=0.2)
+    return config, run_warmup(config)
+
+
+def test_warmup_equals_a_plain_adamw_loop(no_dropout):
+    """Moments and adapter equal a reference loop: one padded batch per step, AdamW + HF linear schedule."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from poise.data import collate, read_examples, tokenize_examples
+    from poise.features.capture import per_example_losses
+    from poise.model import attach_lora, load_model, load_tokenizer
+
+    config, checkpoints = no_dropout
+
+    tokenizer = load_tokenizer(config.model)
+    examples = read_examples(config.data[0])
+    chosen = [examples[i] for i in subset_indices(len(examples), config.examples, config.seed)]
+    _, items, _ = tokenize_examples(chosen, tokenizer, config.max_seq_length, progress=False)
+    model = attach_lora(load_model(config.model), r=config.lora_r, alpha=config.lora_alpha, dropout=0.0,
+                        target_modules=TARGETS, seed=config.seed)
+    model.train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=0.0)
+    steps = math.ceil(len(items) / config.batch_size)
+    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(0.2 * steps * config.epochs),
+                                               steps * config.epochs)
+    for epoch in range(1, config.epochs + 1):
+        order = epoch_order(len(items), config.seed, epoch)
+        rates = []
+        for s in range(steps):
+            batch = collate([items[i] for i in order[s * config.batch_size:(s + 1) * config.batch_size]],
+                            tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"]).logits
+            per_example_losses(logits, batch["labels"]).mean().backward()
+            rates.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+        folder = checkpoints[epoch - 1]
+        info = json.loads((folder / CHECKPOINT_FILE).read_text())
+        assert info["lr_mean"] == pytest.approx(sum(rates) / len(rates), rel=1e-12)
+        moments = load_file(str(folder / MOMENTS_FILE))
+        adapter = load_file(str(folder / ADAPTER_WEIGHTS))
+        for name, p in named:
+            state = optimizer.state[p]
+            close(moments[f"{name}.exp_avg"], state["exp_avg"])
+            close(moments[f"{name}.exp_avg_sq"], state["exp_avg_sq"])
+            close(adapter[name.replace(".default", "")], p.detach())
+
+
+
+TORCHRUN_SCRIPT = """
+import dataclasses, json, sys
+from poise.config import WarmupConfig
+from poise.train import run_warmup
+run_warmup(WarmupConfig(**json.loads(sys.argv[1])))
+"""
+
+
+def test_two_rank_torchrun_warmup_equals_one_process(no_dropout, tmp_path):
+    """Each rank takes half of every step's examples; the all-reduced gradients give the one-process step."""
+    config, checkpoints = no_dropout
+    script = tmp_path / "warmup.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    two = dataclasses.replace(config, out=str(tmp_path / "two"))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+         str(script), json.dumps(dataclasses.asdict(two))],
+        capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for k, folder in enumerate(checkpoints, start=1):
+        other = tmp_path / "two" / f"checkpoint-{k}"
+        assert json.loads((other / CHECKPOINT_FILE).read_text())["lr_mean"] == \
+            json.loads((folder / CHECKPOINT_FILE).read_text())["lr_mean"]
+        for name in (MOMENTS_FILE, ADAPTER_WEIGHTS):
+            expected, actual = load_file(str(folder / name)), load_file(str(other / name))
+            assert expected.keys() == actual.keys()
+            for key in expected:
+                close(actual[key], expected[key])
+
+# ------------------------------------------------------------------------------------------ import
+@pytest.fixture(scope="module")
+def hf_run(setup, tmp_path_factory) -> dict:
+    """A real transformers.Trainer LoRA run (2 epochs of 3 steps, a checkpoint per epoch) on the tiny model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    root = tmp_path_factory.mktemp("hf")
+    tokenizer = tiny_tokenizer()
+    rows = []
+    for i in range(12):
+        ids = tokenizer(" ".join(WORDS[(i + k) % len(WORDS)] for k in range(10)))["input_ids"][:12]
+        ids = ids + [tokenizer.pad_token_id] * (12 - len(ids))
+        rows.append({"input_ids": ids, "attention_mask": [1] * 12, "labels": ids})
+    model = AutoModelForCausalLM.from_pretrained(str(setup["model"]))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    arguments = TrainingArguments(output_dir=str(root / "hf"), per_device_train_batch_size=4, num_train_epochs=2,
+                                  learning_rate=1e-3, warmup_steps=1, save_strategy="epoch", logging_steps=1,
+                                  report_to=[], use_cpu=True, optim="adamw_torch", seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=arguments, train_dataset=rows)
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    final = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            final[name] = {k: optimizer.state[p][k].detach().clone() for k in ("exp_avg", "exp_avg_sq")}
+    checkpoint = root / "hf" / "checkpoint-6"
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "trainer_state.json").is_file()
+    return {"root": root, "checkpoint": checkpoint, "final": final}
+
+
+def test_import_hf_trainer_checkpoint(setup, hf_run):
+    out = hf_run["root"] / "imported"
+    assert import_checkpoint(ImportConfig(checkpoint=str(hf_run["checkpoint"]), out=str(out))) == out
+    moments = load_file(str(out / MOMENTS_FILE))
+    assert sorted(moments) == sorted(f"{n}.{k}" for n in hf_run["final"] for k in ("exp_avg", "exp_avg_sq"))
+    assert list(hf_run["final"]) == trainable_names(setup["model"], out)
+    for name, state in hf_run["final"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(moments[f"{name}.{key}"], state[key]), (name, key)
+    info = json.loads((out / CHECKPOINT_FILE).read_text())
+    trainer_state = json.loads((hf_run["checkpoint"] / "trainer_state.json").read_text())
+    rates = [e["learning_rate"] for e in trainer_state["log_history"] if "learning_rate" in e and 1 < e["epoch"] <= 2]
+    assert len(rates) == 3
+    assert info["lr_mean"] == pytest.approx(sum(rates) / 3)
+    assert info["epoch"] == 2 and info["step"] == 6 and info["source"] == "hf-trainer import"
+    assert info["model"] == str(setup["model"])
+    assert info["betas"] == [0.9, 0.999] and info["eps"] == 1e-8
+    assert (out / ADAPTER_WEIGHTS).read_bytes() == (hf_run["checkpoint"] / ADAPTER_WEIGHTS).read_bytes()
+    # the same import again is up to date; another source into the same folder is refused
+    assert import_checkpoint(ImportConfig(checkpoint=str(hf_run["checkpoint"]), out=str(out))) == out
+    with pytest.raises(PoiseError, match="another source"):
+        import_checkpoint(ImportConfig(checkpoint=str(hf_run["checkpoint"]), out=str(out), epoch=1))
+
+
+def test_import_fsdp_optimizer_bin(hf_run):
+    """FSDP's optimizer.bin is keyed by wrapped parameter names, without peft's `.default`."""
+    folder = hf_run["root"] / "fsdp"
+    shutil.copytree(hf_run["checkpoint"], folder)
+    state = torch.load(folder / "optimizer.pt", weights_only=True)
+    names = list(hf_run["final"])
+
+    def fsdp_name(name: str) -> str:
+        name = name.replace(".default", "").replace("base_model.model.model.layers.",
+                                                    "_fsdp_wrapped_module.base_model.model.model.layers.")
+        return name.replace(".self_attn.", "._fsdp_wrapped_module._checkpoint_wrapped_module.self_attn.")
+
+    keyed = {"state": {fsdp_name(n): state["state"][i] for i, n in enumerate(names)},
+             "param_groups": [{**state["param_groups"][0], "params": [fsdp_name(n) for n in names]}]}
+    torch.save(keyed, folder / "optimizer.bin")
+    (folder / "optimizer.pt").unlink()
+    out = import_checkpoint(ImportConfig(checkpoint=str(folder), out=str(hf_run["root"] / "imported-fsdp")))
+    moments = load_file(str(out / MOMENTS_FILE))
+    for name, state in hf_run["final"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(moments[f"{name}.{key}"], state[key]), (name, key)
+
+
+def test_import_bad_inputs_are_one_line_errors(hf_run):
+    root = hf_run["root"]
+
+    def broken(name: str, change) -> Path:
+        folder = root / name
+        shutil.copytree(hf_run["checkpoint"], folder)
+        change(folder)
+        return folder
+
+    def bad_shape(folder: Path) -> None:
+        state = torch.load(folder / "optimizer.pt", weights_only=True)
+        state["state"][5]["exp_avg"] = torch.zeros(3, 3)
+        torch.save(state, folder / "optimizer.pt")
+
+    cases = [
+        (root / "missing", "does not exist"),
+        (broken("no-optimizer", lambda f: (f / "optimizer.pt").unlink()), "no optimizer.pt or optimizer.bin"),
+        (broken("pickled", lambda f: torch.save({"state": {0: NotATensor()}}, f / "optimizer.pt")),
+         "pickled objects"),
+        (broken("shape", bad_shape), "exp_avg of base_model.model.model.layers.0.self_attn.v_proj.lora_B.default"
+                                     ".weight has shape \\(3, 3\\)"),
+        (broken("no-state", lambda f: (f / "trainer_state.json").unlink()), "no trainer_state.json"),
+    ]
+    for folder, match in cases:
+        with pytest.raises(PoiseError, match=match) as info:
+            import_checkpoint(ImportConfig(checkpoint=str(folder), out=str(root / f"out-{folder.name}")))
+        assert "\n" not in str(info.value)
+        assert not (root / f"out-{folder.name}").exists()
