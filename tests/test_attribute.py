@@ -1,0 +1,107 @@
+"""Features -> attribution matrix, and `poise select` on it with no conversion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pipeline_fixtures import write_checkpoint, write_model, write_pool, write_validation
+
+from poise.attribution import compute_attribution, load_attribution
+from poise.config import AttributeConfig, FeaturesConfig
+from poise.errors import PoiseError
+from poise.features.stage import run_features
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Path]:
+    """Two checkpoints; train (adam) and validation (sgd) features of each; representations."""
+    root = tmp_path_factory.mktemp("attribute")
+    model = write_model(root / "model")
+    pool, val = write_pool(root / "pool.jsonl"), write_validation(root / "validation")
+    paths: dict[str, Path] = {"root": root, "model": model, "pool": pool}
+    for k in (1, 2):
+        ckpt = write_checkpoint(root / f"checkpoint-{k}", model, seed=k)
+        meta = json.loads((ckpt / "checkpoint.json").read_text())
+        meta["lr_mean"] = [3e-5, 1e-5][k - 1]
+        (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+        for split, data, kind in (("train", pool, "adam"), ("val", val, "sgd")):
+            out = root / "features" / f"checkpoint-{k}" / split
+            run_features(FeaturesConfig(data=[str(data)], out=str(out), checkpoint=str(ckpt), kind=kind,
+                                        projection="sjlt", dim=256, max_seq_length=64))
+            paths[f"{split}{k}"] = out
+    for split, data in (("train", pool), ("val", val)):
+        out = root / "features" / "reps" / split
+        run_features(FeaturesConfig(data=[str(data)], out=str(out), model=str(model), kind="reps", max_seq_length=64))
+        paths[f"reps-{split}"] = out
+    return paths
+
+
+def test_attribution_is_the_lr_weighted_sum_of_cosines(run, tmp_path) -> None:
+    out = compute_attribution(AttributeConfig(train=[str(run["train1"]), str(run["train2"])],
+                                              val=[str(run["val1"]), str(run["val2"])], out=str(tmp_path / "a")))
+    matrix = load_attribution(out)
+    t1, t2 = (np.load(run[f"train{k}"] / "features.npy") for k in (1, 2))
+    v1, v2 = (np.load(run[f"val{k}"] / "features.npy") for k in (1, 2))
+    expected = 0.75 * (t1 @ v1.T) + 0.25 * (t2 @ v2.T)  # lr 3e-5 and 1e-5, normalised to sum 1
+    np.testing.assert_allclose(matrix.scores, expected, rtol=1e-5, atol=1e-6)
+    assert matrix.kind == "influence" and matrix.task_names == ["code", "math"]
+    assert matrix.row_id(0) == "ex0" and matrix.n_rows == 24 and matrix.n_columns == 6
+
+
+def test_streaming_over_row_chunks_gives_the_same_matrix(run, tmp_path) -> None:
+    args = dict(train=[str(run["train1"])], val=[str(run["val1"])])
+    a = compute_attribution(AttributeConfig(**args, out=str(tmp_path / "a")))
+    b = compute_attribution(AttributeConfig(**args, out=str(tmp_path / "b"), chunk_rows=5))
+    # BLAS blocks differently for other chunk shapes: equal up to float32 rounding, not bit for bit
+    np.testing.assert_allclose(np.load(a / "scores.npy"), np.load(b / "scores.npy"), rtol=1e-6, atol=1e-7)
+
+
+def test_poise_select_runs_on_the_attribute_output_with_no_conversion(run, tmp_path) -> None:
+    attribution = tmp_path / "attribution"
+    command = [sys.executable, "-m", "poise"]
+    made = subprocess.run([*command, "attribute", "--train", f"{run['train1']},{run['train2']}",
+                           "--val", f"{run['val1']},{run['val2']}", "--out", str(attribution)],
+                          capture_output=True, text=True, check=False)
+    assert made.returncode == 0, made.stderr
+    picked = subprocess.run([*command, "select", "--attribution", str(attribution), "--method", "bids",
+                             "--budget", "0.25", "--pool", str(run["pool"]), "--out", str(tmp_path / "sel")],
+                            capture_output=True, text=True, check=False)
+    assert picked.returncode == 0, picked.stderr
+    selection = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert len(selection["indices"]) == 6 and {p["task"] for p in selection["trace"]} <= {"code", "math"}
+    pool = run["pool"].read_text().splitlines()
+    assert (tmp_path / "sel" / "selected.jsonl").read_text().splitlines() == [pool[i] for i in selection["indices"]]
+
+
+def test_rds_matrix_from_representations_feeds_the_rds_method(run, tmp_path) -> None:
+    from poise import select
+
+    out = compute_attribution(AttributeConfig(train=[str(run["reps-train"])], val=[str(run["reps-val"])],
+                                              out=str(tmp_path / "rds"), rds=True))
+    matrix = load_attribution(out)
+    assert matrix.kind == "rds"
+    assert np.all(np.abs(matrix.scores) <= 1.0 + 1e-5)
+    assert len(select(matrix, "rds", 5).indices) == 5
+    with pytest.raises(PoiseError, match="pass --rds"):
+        compute_attribution(AttributeConfig(train=[str(run["reps-train"])], val=[str(run["reps-val"])],
+                                            out=str(tmp_path / "x")))
+
+
+def test_features_of_mismatched_settings_are_refused_in_one_line(run, tmp_path) -> None:
+    # validation features of checkpoint 2 with train features of checkpoint 1
+    with pytest.raises(PoiseError, match="different checkpoint"):
+        compute_attribution(AttributeConfig(train=[str(run["train1"])], val=[str(run["val2"])], out=str(tmp_path / "x")))
+    # another projection dimension
+    other = tmp_path / "dim64"
+    run_features(FeaturesConfig(data=[str(run["pool"])], out=str(other), checkpoint=str(run["root"] / "checkpoint-1"),
+                                kind="adam", projection="sjlt", dim=64, max_seq_length=64))
+    result = subprocess.run([sys.executable, "-m", "poise", "attribute", "--train", str(other), "--val",
+                             str(run["val1"]), "--out", str(tmp_path / "y")], capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("poise: error:") and "projection" in lines[0]
