@@ -95,13 +95,18 @@ def test_rds_matrix_from_representations_feeds_the_rds_method(run, tmp_path) -> 
 def test_features_of_mismatched_settings_are_refused_in_one_line(run, tmp_path) -> None:
     # validation features of checkpoint 2 with train features of checkpoint 1
     with pytest.raises(PoiseError, match="different checkpoint"):
-        compute_attribution(AttributeConfig(train=[str(run["train1"])], val=[str(run["val2"])], out=str(tmp_path / "x")))
+        compute_attribution(
+            AttributeConfig(train=[str(run["train1"])], val=[str(run["val2"])], out=str(tmp_path / "x"))
+        )
     # another projection dimension
     other = tmp_path / "dim64"
     run_features(FeaturesConfig(data=[str(run["pool"])], out=str(other), checkpoint=str(run["root"] / "checkpoint-1"),
                                 kind="adam", projection="sjlt", dim=64, max_seq_length=64))
-    result = subprocess.run([sys.executable, "-m", "poise", "attribute", "--train", str(other), "--val",
-                             str(run["val1"]), "--out", str(tmp_path / "y")], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "poise", "attribute", "--train", str(other), "--val", str(run["val1"]),
+         "--out", str(tmp_path / "y")],
+        capture_output=True, text=True, check=False,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("poise: error:") and "projection" in lines[0]

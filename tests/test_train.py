@@ -145,6 +145,16 @@ def test_warmup_refuses_a_run_folder_with_other_settings(setup):
     assert "\n" not in str(info.value)
     # execution settings may change (e.g. a smaller token budget after running out of memory)
     assert run_warmup(dataclasses.replace(setup["config"], max_tokens=48, max_batch_size=2))
+    # --overwrite starts over (in a copy: other tests read run-a)
+    copy = setup["root"] / "run-c"
+    shutil.copytree(setup["config"].out, copy)
+    assert run_warmup(dataclasses.replace(changed, out=str(copy), epochs=1, overwrite=True)) == [copy / "checkpoint-1"]
+    assert not (copy / "checkpoint-2").exists()
+    assert json.loads((copy / "arguments.json").read_text())["settings"]["lr"] == 2e-3
+    # checkpoint folders without arguments.json are not a warmup run of ours
+    (copy / "arguments.json").unlink()
+    with pytest.raises(PoiseError, match="not a poise warmup run"):
+        run_warmup(dataclasses.replace(changed, out=str(copy), epochs=1))
 
 
 def test_warmup_bad_settings_are_one_line_errors(setup):
@@ -169,7 +179,7 @@ def test_warmup_equals_a_plain_adamw_loop(no_dropout):
     from transformers import get_linear_schedule_with_warmup
 
     from poise.data import collate, read_examples, tokenize_examples
-    from poise.features.capture import per_example_losses
+    from poise.losses import per_example_losses
     from poise.model import attach_lora, load_model, load_tokenizer
 
     config, checkpoints = no_dropout
@@ -214,7 +224,7 @@ def test_warmup_equals_a_plain_adamw_loop(no_dropout):
 
 
 TORCHRUN_SCRIPT = """
-import dataclasses, json, sys
+import json, sys
 from poise.config import WarmupConfig
 from poise.train import run_warmup
 run_warmup(WarmupConfig(**json.loads(sys.argv[1])))
@@ -228,9 +238,9 @@ def test_two_rank_torchrun_warmup_equals_one_process(no_dropout, tmp_path):
     script.write_text(TORCHRUN_SCRIPT)
     two = dataclasses.replace(config, out=str(tmp_path / "two"))
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(script), json.dumps(dataclasses.asdict(two))],
-        capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for k, folder in enumerate(checkpoints, start=1):
@@ -297,6 +307,15 @@ def test_import_hf_trainer_checkpoint(setup, hf_run):
     assert import_checkpoint(ImportConfig(checkpoint=str(hf_run["checkpoint"]), out=str(out))) == out
     with pytest.raises(PoiseError, match="another source"):
         import_checkpoint(ImportConfig(checkpoint=str(hf_run["checkpoint"]), out=str(out), epoch=1))
+    # a folder that is not a checkpoint is never replaced
+    with pytest.raises(PoiseError, match="not a poise checkpoint folder"):
+        import_checkpoint(ImportConfig(checkpoint=str(hf_run["checkpoint"]), out=str(hf_run["root"]), overwrite=True))
+    # the checkpoint of epoch 1: the learning rates of epoch 1
+    first = import_checkpoint(ImportConfig(checkpoint=str(hf_run["checkpoint"].with_name("checkpoint-3")),
+                                           out=str(hf_run["root"] / "imported-1")))
+    info = json.loads((first / CHECKPOINT_FILE).read_text())
+    rates = [e["learning_rate"] for e in trainer_state["log_history"] if "learning_rate" in e and e["epoch"] <= 1]
+    assert info["epoch"] == 1 and info["step"] == 3 and info["lr_mean"] == pytest.approx(sum(rates) / 3)
 
 
 def test_import_fsdp_optimizer_bin(hf_run):

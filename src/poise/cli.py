@@ -20,8 +20,10 @@ from poise.config import (
     AttributeConfig,
     DemoConfig,
     FeaturesConfig,
+    ImportConfig,
     ReportConfig,
     SelectConfig,
+    WarmupConfig,
     base_type,
     field_types,
     from_dict,
@@ -49,6 +51,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["metavar"] = "A,B,..."
         elif kind is int:
             kwargs["type"] = int
+        elif kind is float:
+            kwargs["type"] = float
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -86,6 +90,29 @@ def _progress(description: str):
         progress.update(task, completed=done, total=total)
 
     return progress, update
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from poise import distributed
+    from poise.train import run_warmup
+
+    config = build_config(WarmupConfig, args, "warmup")
+    started = time.perf_counter()
+    try:
+        checkpoints = run_warmup(config)
+    finally:
+        distributed.shutdown()
+    if distributed.is_main():
+        print(f"warmup: {len(checkpoints)} checkpoint(s) in {config.out} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+def cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    from poise.train import import_checkpoint
+
+    config = build_config(ImportConfig, args, "import-checkpoint")
+    print(f"checkpoint: {import_checkpoint(config)}")
+    return 0
 
 
 def cmd_features(args: argparse.Namespace) -> int:
@@ -168,6 +195,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], int], str]] = {
+    "warmup": (WarmupConfig, cmd_warmup, "LoRA warmup training with per-epoch checkpoints (adapter + Adam moments)"),
+    "import-checkpoint": (ImportConfig, cmd_import_checkpoint,
+                          "convert an HF-Trainer checkpoint (optimizer.pt / FSDP optimizer.bin) to a poise one"),
     "features": (FeaturesConfig, cmd_features, "per-example LoRA gradient features (or RDS representations)"),
     "attribute": (AttributeConfig, cmd_attribute, "train + validation features -> the attribution matrix"),
     "select": (SelectConfig, cmd_select, "select a budgeted subset of the pool from an attribution matrix"),

@@ -163,6 +163,16 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise PoiseError(f"{where}: expected a whole number, got {value!r}")
         return value
+    if kind is float:
+        if isinstance(value, bool):
+            raise PoiseError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value)  # YAML reads 2e-5 (no dot) as text
+        except (TypeError, ValueError):
+            raise PoiseError(f"{where}: expected a number, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise PoiseError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if kind is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise PoiseError(f"{where}: expected text, got {value!r}")
@@ -238,7 +248,7 @@ class WarmupConfig(DataConfig):
     seed: int = _f(0, "seed of the subset, the example order of each epoch, the LoRA init and dropout")
     dtype: str = _f("float32", "base model dtype (the LoRA weights and Adam state stay float32)", choices=DTYPES)
     device: str = _f("cpu", "cpu, cuda, cuda:1, mps ... (under torchrun cuda means each rank's own GPU)")
-    overwrite: bool = _f(False, "start over in a run folder made with other settings")
+    overwrite: bool = _f(False, "start over: delete the run folder's checkpoints (e.g. made with other settings)")
 
 
 @dataclass

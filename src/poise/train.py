@@ -181,7 +181,7 @@ class _Hyper:
 def _settings(config: WarmupConfig) -> dict[str, Any]:
     """The settings that determine the checkpoints (data paths made absolute)."""
     settings = to_dict(config)
-    for key in _EXECUTION_SETTINGS:
+    for key in (*_EXECUTION_SETTINGS, "out"):  # the folder itself may move
         settings.pop(key)
     settings["data"] = [str(Path(p).resolve()) for p in config.data]
     model_path = Path(str(config.model)).expanduser()
@@ -223,11 +223,14 @@ def _open_run(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
         differing = _differences(read_json(existing).get("settings") or {}, settings)
         raise PoiseError(f"{out}: holds a warmup run made with other settings ({', '.join(differing) or 'unknown'}); "
                          "use another --out or pass --overwrite")
+    checkpoint_folders = [f for f in out.glob("checkpoint-*") if f.is_dir() and re.fullmatch(r"checkpoint-\d+", f.name)]
+    if checkpoint_folders and not existing.exists() and not overwrite:
+        raise PoiseError(f"{out}: holds checkpoint folders but no {ARGUMENTS_FILE} (not a poise warmup run); "
+                         "use another --out or pass --overwrite")
     distributed.barrier()  # every rank has checked before rank 0 changes anything
     if distributed.is_main() and overwrite:
-        for folder in out.glob("checkpoint-*"):
-            if folder.is_dir() and re.fullmatch(r"checkpoint-\d+", folder.name):
-                shutil.rmtree(folder)
+        for folder in checkpoint_folders:
+            shutil.rmtree(folder)
     distributed.barrier()
 
 
@@ -271,8 +274,7 @@ def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: P
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from poise.data import collate, read_examples, token_budget_batches, tokenize_examples
-    from poise.features.capture import per_example_losses
+    from poise.data import read_examples, tokenize_examples
     from poise.model import attach_lora, load_model, load_tokenizer
 
     device = distributed.device_for_rank(config.device)
@@ -344,7 +346,6 @@ def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: P
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     padding_side = getattr(tokenizer, "padding_side", "right") or "right"
-    lengths = [len(t.input_ids) for t in tokenized]
     model.train()
 
     show = distributed.is_main() and sys.stderr.isatty()
@@ -368,9 +369,8 @@ def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: P
                     group["lr"] = lr
                 batch = order[s * hyper.batch_size:(s + 1) * hyper.batch_size]
                 mine = batch[rank::world]  # this rank's disjoint slice of the step's examples
-                loss = _accumulate(model, [tokenized[i] for i in mine], [lengths[i] for i in mine], len(batch),
-                                   config.max_tokens, config.max_batch_size, pad_id, padding_side, device,
-                                   collate, token_budget_batches, per_example_losses)
+                loss = _accumulate(model, [tokenized[i] for i in mine], len(batch), config.max_tokens,
+                                   config.max_batch_size, pad_id, padding_side, device)
                 loss = _sync_gradients(params, loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -396,18 +396,18 @@ def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: P
     return checkpoints
 
 
-def _accumulate(model: Any, items: Sequence[Any], lengths: Sequence[int], global_size: int, max_tokens: int,
-                max_batch_size: int, pad_id: int, padding_side: str, device: Any, collate: Callable,
-                token_budget_batches: Callable, per_example_losses: Callable) -> float:
+def _accumulate(model: Any, items: Sequence[Any], global_size: int, max_tokens: int, max_batch_size: int,
+                pad_id: int, padding_side: str, device: Any) -> float:
     """Backward this rank's examples of one step, micro-batched; returns their summed loss / global_size.
 
     The loss differentiated is sum_i loss_i / global_size, so after the cross-rank sum the gradient is that
     of the mean over the step's examples of each example's mean token loss.
     """
+    from poise.data import collate, token_budget_batches
+    from poise.losses import per_example_losses
+
     total = 0.0
-    if not items:
-        return total
-    for micro in token_budget_batches(list(lengths), max_tokens, max_batch_size):
+    for micro in token_budget_batches([len(item.input_ids) for item in items], max_tokens, max_batch_size):
         batch = {k: v.to(device) for k, v in collate([items[i] for i in micro], pad_id, padding_side).items()}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=batch["position_ids"], use_cache=False)
@@ -610,6 +610,8 @@ def import_checkpoint(config: ImportConfig) -> Path:
         raise PoiseError(f"epoch must be at least 1, got {epoch}")
 
     settings = {"checkpoint": str(source.resolve()), "model": model_name, "epoch": epoch}
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CHECKPOINT_FILE).exists())):
+        raise PoiseError(f"--out {str(out)!r} exists and is not a poise checkpoint folder; choose a new folder")
     if (out / CHECKPOINT_FILE).exists() and not config.overwrite:
         previous = read_json(out / ARGUMENTS_FILE).get("settings") if (out / ARGUMENTS_FILE).exists() else None
         if previous == settings and is_complete_checkpoint(out):

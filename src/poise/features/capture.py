@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from poise.errors import PoiseError
+from poise.losses import per_example_losses
 
 GradientSink = Callable[[str, torch.Tensor], None]
 """Receives (parameter name, per-example gradient (b, out, in)) as soon as backward has it."""
@@ -74,19 +75,6 @@ def capture_lora_gradients(model: nn.Module, sink: GradientSink, adapter: str = 
     finally:
         for handle in handles:
             handle.remove()
-
-
-def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(b, t, V), (b, t) -> (b,): mean cross-entropy over each example's target tokens (labels != -100)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    token_loss = nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(shift_labels.shape)  # (b, t-1)
-    counts = (shift_labels != -100).sum(dim=1)  # (b,)
-    if bool((counts == 0).any()):
-        raise PoiseError("an example in the batch has no target token (it should have been excluded)")
-    return token_loss.sum(dim=1) / counts
 
 
 def _embedding_output_requires_grad(model: nn.Module, keep: list) -> Any:

@@ -23,9 +23,8 @@ from poise import __version__, distributed
 from poise.config import FeaturesConfig, to_dict
 from poise.errors import PoiseError
 from poise.features.store import FeatureStore
+from poise.train import CHECKPOINT_FILE, MOMENTS_FILE
 
-CHECKPOINT_FILE = "checkpoint.json"
-MOMENTS_FILE = "optimizer_moments.safetensors"
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
