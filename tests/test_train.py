@@ -282,7 +282,7 @@ def hf_run(setup, tmp_path_factory) -> dict:
             final[name] = {k: optimizer.state[p][k].detach().clone() for k in ("exp_avg", "exp_avg_sq")}
     checkpoint = root / "hf" / "checkpoint-6"
     assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "trainer_state.json").is_file()
-    return {"root": root, "checkpoint": checkpoint, "final": final}
+    return {"root": root, "checkpoint": checkpoint, "final": final, "model": model}
 
 
 def test_import_hf_trainer_checkpoint(setup, hf_run):
@@ -339,6 +339,34 @@ def test_import_fsdp_optimizer_bin(hf_run):
     for name, state in hf_run["final"].items():
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(moments[f"{name}.{key}"], state[key]), (name, key)
+
+
+def test_imported_checkpoints_yield_the_same_adam_features_as_the_native_one(setup, hf_run):
+    """optimizer.pt (by index) and FSDP optimizer.bin (by name) imports = a poise checkpoint written from the
+    Trainer's live model and optimizer state, all the way to the Adam features."""
+    import numpy as np
+
+    from poise.config import FeaturesConfig
+    from poise.features.stage import run_features
+    from poise.train import write_checkpoint
+
+    root = hf_run["root"]
+    moments = {f"{n}.{k}": v[k] for n, v in hf_run["final"].items() for k in ("exp_avg", "exp_avg_sq")}
+    native = write_checkpoint(root / "native", hf_run["model"].save_pretrained, moments,
+                              {"epoch": 2, "step": 6, "lr_mean": 1e-3, "model": str(setup["model"]),
+                               "betas": [0.9, 0.999], "eps": 1e-8, "source": "test"})
+    imported = import_checkpoint(ImportConfig(checkpoint=str(hf_run["checkpoint"]), out=str(root / "imp-a")))
+    if not (root / "imported-fsdp").exists():
+        test_import_fsdp_optimizer_bin(hf_run)
+    features = {}
+    for label, checkpoint in (("native", native), ("optimizer.pt", imported), ("optimizer.bin", root / "imported-fsdp")):
+        out = root / "features" / label.replace(".", "-")
+        run_features(FeaturesConfig(data=[str(setup["pool"])], out=str(out), checkpoint=str(checkpoint),
+                                    model=str(setup["model"]), kind="adam", projection="none", max_seq_length=64))
+        features[label] = np.load(out / "features.npy")
+    assert np.abs(features["native"]).sum() > 0
+    np.testing.assert_array_equal(features["optimizer.pt"], features["native"])
+    np.testing.assert_array_equal(features["optimizer.bin"], features["native"])
 
 
 def test_import_bad_inputs_are_one_line_errors(hf_run):
