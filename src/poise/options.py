@@ -30,6 +30,8 @@ Template = Literal["auto", "chat", "tulu"]
 
 DType = Literal["float32", "bfloat16", "float16"]
 
+PaddingSide = Literal["right", "left"]
+
 FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
 ADAM_FORMULAS: tuple[str, ...] = get_args(AdamFormula)
 PROJECTIONS: tuple[str, ...] = get_args(Projection)

@@ -11,16 +11,15 @@ the order of results does, which `restore_order` undoes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from poise.data.formats import IGNORE_INDEX
+from poise.data.templates import Tokenized
+from poise.options import PaddingSide
 
 if TYPE_CHECKING:
     import torch
 
-    from poise.data.templates import Tokenized
-
-PaddingSide = Literal["right", "left"]
 T = TypeVar("T")
 
 

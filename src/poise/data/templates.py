@@ -22,15 +22,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from poise.data.formats import IGNORE_INDEX, Example
 from poise.errors import PoiseError, warn
+from poise.options import Template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-ChatTemplate = Literal["auto", "chat", "tulu"]
+ChatTemplate = Template  # the alias lives in poise.options
 """How conversations are rendered: the tokenizer's chat template when it has one ("auto"), always it ("chat"),
 or the LESS/open-instruct tulu template ("tulu")."""
 
