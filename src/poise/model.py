@@ -66,8 +66,9 @@ def resolve_model(model: str) -> ModelSource:
         if not (path / "config.json").exists():
             raise PoiseError(f"model folder {model!r} has no config.json (not a transformers model folder)")
         return ModelSource(str(path), None, model)
-    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", os.sep, 1)
-    if path.exists() or looks_like_path or model.count("/") > 1:
+    # a hub id is "name" or "org/name"; anything else that does not exist is a missing path
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    if path.exists() or looks_like_path:
         raise PoiseError(f"model path {model!r} does not exist")
     try:
         from huggingface_hub import snapshot_download
