@@ -92,18 +92,25 @@ def _progress(description: str):
     return progress, update
 
 
-def cmd_warmup(args: argparse.Namespace) -> int:
+def _run_under_torchrun(run: Callable[[Any], Any], config: Any) -> tuple[Any, float, bool]:
+    """Run a stage that may be launched by torchrun: (result, seconds, is rank 0); leaves the group after."""
     from poise import distributed
+
+    started = time.perf_counter()
+    try:
+        result = run(config)
+    finally:
+        distributed.shutdown()
+    return result, time.perf_counter() - started, distributed.is_main()
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
     from poise.train import run_warmup
 
     config = build_config(WarmupConfig, args, "warmup")
-    started = time.perf_counter()
-    try:
-        checkpoints = run_warmup(config)
-    finally:
-        distributed.shutdown()
-    if distributed.is_main():
-        print(f"warmup: {len(checkpoints)} checkpoint(s) in {config.out} ({time.perf_counter() - started:.1f}s)")
+    checkpoints, seconds, main = _run_under_torchrun(run_warmup, config)
+    if main:
+        print(f"warmup: {len(checkpoints)} checkpoint(s) in {config.out} ({seconds:.1f}s)")
     return 0
 
 
@@ -116,17 +123,12 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from poise import distributed
     from poise.features.stage import run_features
 
     config = build_config(FeaturesConfig, args, "features")
-    started = time.perf_counter()
-    try:
-        out = run_features(config)
-    finally:
-        distributed.shutdown()
-    if distributed.is_main():
-        print(f"features: {out} ({time.perf_counter() - started:.1f}s)")
+    out, seconds, main = _run_under_torchrun(run_features, config)
+    if main:
+        print(f"features: {out} ({seconds:.1f}s)")
     return 0
 
 
