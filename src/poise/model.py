@@ -146,11 +146,18 @@ def load_tokenizer(model: str):
 def load_model(model: str, dtype: str = "float32", device: str = "cpu"):
     """The base causal LM in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    folder = model_folder(model)  # a first GGUF conversion shows its own progress
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a sub-second "Loading weights" bar per command is noise
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(model_folder(model), dtype=torch_dtype(dtype))
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
     except OSError as exc:
         raise PoiseError(f"model {model!r}: cannot load ({str(exc).splitlines()[0]})") from None
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     return loaded.to(device).eval()
 
 
