@@ -41,17 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from poise import __version__, distributed
+from poise.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_FILE, MOMENTS_FILE, OPTIMIZER_STATE_FILE
 from poise.config import ImportConfig, WarmupConfig, to_dict
 from poise.errors import PoiseError
 from poise.io import atomic_write_json, atomic_write_lines, read_json
 
-CHECKPOINT_FILE = "checkpoint.json"
-MOMENTS_FILE = "optimizer_moments.safetensors"
-OPTIMIZER_STATE_FILE = "optimizer_state.pt"
 ARGUMENTS_FILE = "arguments.json"
 EXAMPLES_FILE = "examples.jsonl"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 WARMUP_SOURCE = "poise warmup"
 IMPORT_SOURCE = "hf-trainer import"
 
