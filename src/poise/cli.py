@@ -12,7 +12,8 @@ import sys
 import time
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from poise import __version__
@@ -76,20 +77,18 @@ def build_config(cls: type, args: argparse.Namespace, section: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------ commands
-def _progress(description: str):
-    """A rich progress bar on stderr (a no-op callback when stderr is not a terminal)."""
+@contextmanager
+def _progress(description: str) -> Iterator[Callable[[int, int], None] | None]:
+    """Yields a (done, total) callback driving a rich bar on stderr, or None when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    if not sys.stderr.isatty():
-        return None, None
-    progress = Progress(TextColumn(description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeRemainingColumn(), transient=True)
-    task = progress.add_task(description, total=None)
-
-    def update(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total)
-
-    return progress, update
+    with Progress(TextColumn(description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), transient=True) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 def _run_under_torchrun(run: Callable[[Any], Any], config: Any) -> tuple[Any, float, bool]:
@@ -136,12 +135,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     from poise.attribution import compute_attribution
 
     config = build_config(AttributeConfig, args, "attribute")
-    bar, update = _progress("attribute")
-    if bar:
-        with bar:
-            out = compute_attribution(config, progress=update)
-    else:
-        out = compute_attribution(config)
+    with _progress("attribute") as update:
+        out = compute_attribution(config, progress=update)
     print(f"attribution: {out} (poise select --attribution {out} ...)")
     return 0
 
@@ -153,11 +148,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     config = build_config(SelectConfig, args, "select")
     started = time.perf_counter()
-    bar, update = _progress(f"select {config.method}")
-    if bar:
-        with bar:
-            selection, reused = run_select(config, progress=update)
-    else:
+    with _progress(f"select {config.method}") as update:
         selection, reused = run_select(config, progress=update)
     console = Console(soft_wrap=True)
     verb = "up to date:" if reused else "selected"

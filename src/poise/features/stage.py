@@ -84,6 +84,8 @@ def run_features(config: FeaturesConfig) -> Path:
         raise PoiseError(f"--kind {config.kind} needs --checkpoint (a poise checkpoint or a peft adapter folder)")
     if checkpoint is not None and not checkpoint.is_dir():
         raise PoiseError(f"checkpoint {str(checkpoint)!r} does not exist")
+    if not config.model and checkpoint is None:
+        raise PoiseError("--model is required when there is no --checkpoint to name the base model")
     model_name = config.model or _base_model_of(checkpoint)  # type: ignore[arg-type]
 
     distributed.init(config.device)
