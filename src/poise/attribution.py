@@ -11,6 +11,7 @@ On disk a poise attribution folder holds `scores.npy` (float32, N x V, memory-ma
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -428,6 +429,25 @@ def _checkpoint_lr(info: dict) -> float | None:
     return float(value) if value is not None else None
 
 
+def _check_lr_weights(lrs: list[float], checkpoints: list[str]) -> None:
+    """Explain a checkpoint whose mean learning rate (its default weight) is zero or not a valid number."""
+    bad = [k for k, lr in enumerate(lrs) if not (math.isfinite(lr) and lr >= 0)]
+    if bad:
+        raise PoiseError(f"{checkpoints[bad[0]]}/checkpoint.json: lr_mean is {lrs[bad[0]]!r}, not a non-negative "
+                         "number; fix it or pass --weights")
+    zero = [k for k, lr in enumerate(lrs) if lr == 0]
+    if not zero:
+        return
+    names = ", ".join(checkpoints[k] for k in zero)
+    why = ("its epoch trained with a mean learning rate of 0 (e.g. a warmup whose epoch was a single optimizer step "
+           "at the start of the learning-rate warm-up)")
+    if len(zero) == len(lrs):
+        raise PoiseError(f"every checkpoint has weight 0: {why}; warm up on more examples (poise warmup --examples/"
+                         "--fraction, or a smaller --batch-size) or pass --weights 1,...")
+    warn(f"checkpoint {names} gets weight 0 and its features count for nothing: {why}; drop it from --train/--val, "
+         "or pass --weights")
+
+
 def _same(key: str, a: dict, b: dict) -> bool:
     return (a.get("settings") or {}).get(key) == (b.get("settings") or {}).get(key)
 
@@ -482,12 +502,13 @@ def compute_attribution(config: Any, progress=None) -> Path:
             weights = [float(w) for w in config.weights]
         except ValueError:
             raise PoiseError(f"--weights must be numbers, got {config.weights}") from None
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
+            raise PoiseError(f"--weights must be non-negative with a positive sum, got {config.weights}")
     else:
         lrs = [_checkpoint_lr(info) for _, _, info in trains]
         weights = [1.0] * len(trains) if any(lr is None for lr in lrs) else [float(lr) for lr in lrs]  # type: ignore
+        _check_lr_weights(weights, [str((info.get("settings") or {}).get("checkpoint")) for _, _, info in trains])
     total = sum(weights)
-    if not total > 0 or any(w < 0 for w in weights):
-        raise PoiseError(f"checkpoint weights must be non-negative with a positive sum, got {weights}")
     weights = [w / total for w in weights]
 
     out = Path(config.out)

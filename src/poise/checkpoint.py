@@ -4,13 +4,11 @@
   checkpoint-<epoch>/ adapter_model.safetensors + adapter_config.json   (the peft LoRA adapter)
                       optimizer_moments.safetensors   "<parameter name>.exp_avg" / ".exp_avg_sq"
                       checkpoint.json                 {"epoch", "step", "lr_mean", "model", "betas", "eps", ...}
-                      optimizer_state.pt              (warmup only) full AdamW state for an exact resume
 """
 
 from __future__ import annotations
 
 CHECKPOINT_FILE = "checkpoint.json"
 MOMENTS_FILE = "optimizer_moments.safetensors"
-OPTIMIZER_STATE_FILE = "optimizer_state.pt"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

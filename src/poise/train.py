@@ -10,14 +10,14 @@ mean learning rate. A checkpoint folder `checkpoint-<epoch>/` holds:
   optimizer_moments.safetensors                    `<name>.exp_avg`, `<name>.exp_avg_sq`, float32, for every
                                                    trainable parameter, named as in `model.named_parameters()`
   checkpoint.json                                  epoch, step, lr_mean, model, betas, eps, weight_decay, source
-  optimizer_state.pt                               (warmup only) the full AdamW state_dict, to resume exactly
 
-`run_warmup` trains with LESS's defaults (DESIGN.md §2.2): LoRA r=128, alpha=512, dropout 0.1 on q/k/v/o,
+The moments are stored once: a resumed warmup rebuilds AdamW's state from them and the step count.
+
+`run_warmup` trains with LESS's defaults (docs/design.md): LoRA r=128, alpha=512, dropout 0.1 on q/k/v/o,
 a seeded random 5% of the pool, 4 epochs, AdamW (0.9, 0.999, 1e-8, no weight decay), lr 2e-5 with linear
-warmup over 3% of the steps and linear decay to 0 (the schedule of transformers'
-`get_linear_schedule_with_warmup`, so the first step has lr 0 when there is warmup), 128 examples per
-optimizer step. The loss of a step is the mean over its examples of each example's mean token loss
-(DESIGN.md §2.1), so an example's weight does not depend on its length or on how the step is micro-batched
+warm-up over 3% of the steps and linear decay (`learning_rate`: every step's rate is positive), 128
+examples per optimizer step. The loss of a step is the mean over its examples of each example's mean token loss
+(docs/design.md), so an example's weight does not depend on its length or on how the step is micro-batched
 by the token budget. Under torchrun every rank takes a disjoint slice of each step's examples, the summed
 LoRA gradients are all-reduced, and every rank takes the same step; rank 0 writes. A rerun skips the
 epochs whose checkpoint is complete and resumes from the last one (adapter + full optimizer state +
@@ -35,13 +35,12 @@ import math
 import os
 import re
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from poise import __version__, distributed
-from poise.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_FILE, MOMENTS_FILE, OPTIMIZER_STATE_FILE
+from poise.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_FILE, MOMENTS_FILE
 from poise.config import ImportConfig, WarmupConfig, to_dict
 from poise.errors import PoiseError
 from poise.io import atomic_write_json, atomic_write_lines, read_json
@@ -65,19 +64,23 @@ _HF_NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\
 
 # ------------------------------------------------------------------------------------- schedule
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
-    """Optimizer steps of linear warmup, as transformers computes them: ceil(total * ratio)."""
+    """Optimizer steps of linear warm-up, as transformers computes them: ceil(total * ratio)."""
     return math.ceil(total_steps * warmup_ratio)
 
 
 def learning_rate(step: int, total_steps: int, n_warmup: int, peak: float) -> float:
-    """The learning rate of optimizer step `step` (0-based): linear warmup, then linear decay to 0.
+    """The learning rate of optimizer step `step` (0-based): linear warm-up, then linear decay; never 0.
 
-    Identical to transformers' `get_linear_schedule_with_warmup` (the scheduler is stepped after the
-    optimizer, so step 0 runs with lr 0 when there is warmup).
+    Warm-up step s runs at peak * (s + 1) / n_warmup, reaching the peak on the last warm-up step; then step s
+    runs at peak * (total - s) / (total - n_warmup), down to peak / (total - n_warmup) on the last step.
+    transformers' `get_linear_schedule_with_warmup` is the same schedule one step earlier: its first step
+    runs at lr 0 and moves nothing (only Adam's moments), and with one step per epoch that epoch's mean
+    learning rate, hence its checkpoint's weight in the attribution, is 0. Here every step, so every
+    epoch, has a positive learning rate.
     """
     if step < n_warmup:
-        return peak * step / max(1, n_warmup)
-    return peak * max(0.0, (total_steps - step) / max(1, total_steps - n_warmup))
+        return peak * (step + 1) / n_warmup
+    return peak * (total_steps - step) / max(1, total_steps - n_warmup)
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -102,14 +105,12 @@ def optimizer_moments(model: Any, optimizer: Any) -> dict[str, Any]:
 
 
 def write_checkpoint(folder: str | os.PathLike, write_adapter: Callable[[Path], None], moments: dict[str, Any],
-                     info: dict[str, Any], optimizer_state: dict | None = None,
-                     extra_json: dict[str, Any] | None = None) -> Path:
+                     info: dict[str, Any], extra_json: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder atomically: everything goes into a hidden temporary folder that is then renamed.
 
     `write_adapter(tmp)` writes the adapter files into the temporary folder; `extra_json` maps further file
     names to JSON objects. A folder under the final name always has all its files.
     """
-    import torch
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -119,8 +120,6 @@ def write_checkpoint(folder: str | os.PathLike, write_adapter: Callable[[Path], 
     tmp.mkdir(parents=True)
     write_adapter(tmp)
     save_file(moments, str(tmp / MOMENTS_FILE), metadata={"format": "pt"})
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / OPTIMIZER_STATE_FILE)
     for name, obj in (extra_json or {}).items():
         atomic_write_json(tmp / name, obj)
     atomic_write_json(tmp / CHECKPOINT_FILE, info)
@@ -128,6 +127,24 @@ def write_checkpoint(folder: str | os.PathLike, write_adapter: Callable[[Path], 
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
+
+
+def restore_optimizer_state(model: Any, optimizer: Any, moments: dict[str, Any], step: int) -> None:
+    """Rebuild AdamW's per-parameter state from a checkpoint's named moments and its optimizer step count."""
+    import torch
+
+    for name, p in _parameter_order(model):
+        try:
+            exp_avg, exp_avg_sq = moments[f"{name}.exp_avg"], moments[f"{name}.exp_avg_sq"]
+        except KeyError:
+            raise PoiseError(f"no moments for {name}") from None
+        if tuple(exp_avg.shape) != tuple(p.shape) or tuple(exp_avg_sq.shape) != tuple(p.shape):
+            raise PoiseError(f"the moments of {name} have shape {tuple(exp_avg.shape)}, the parameter {tuple(p.shape)}")
+        optimizer.state[p] = {
+            "step": torch.tensor(float(step), dtype=torch.float32),
+            "exp_avg": exp_avg.to(device=p.device, dtype=p.dtype).clone(),
+            "exp_avg_sq": exp_avg_sq.to(device=p.device, dtype=p.dtype).clone(),
+        }
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
@@ -179,10 +196,10 @@ def _settings(config: WarmupConfig) -> dict[str, Any]:
     settings = to_dict(config)
     for key in (*_EXECUTION_SETTINGS, "out"):  # the folder itself may move
         settings.pop(key)
-    settings["data"] = [str(Path(p).resolve()) for p in config.data]
     model_path = Path(str(config.model)).expanduser()
     if model_path.exists():
         settings["model"] = str(model_path.resolve())
+    settings["data"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in config.data]
     return settings
 
 
@@ -257,32 +274,58 @@ def run_warmup(config: WarmupConfig) -> list[Path]:
     settings = _settings(config)
     checkpoints = [out / f"checkpoint-{k}" for k in range(1, hyper.epochs + 1)]
 
+    # the data first: a missing file or a warmup set too small to train on is said before any model is loaded
+    from poise.data import read_examples
+
+    examples = [e for path in config.data for e in read_examples(path)]
+    if not examples:
+        raise PoiseError(f"no examples in {', '.join(config.data)}")
+    count = warmup_count(len(examples), hyper)
+
     distributed.init(config.device)
     _open_run(out, settings, config.overwrite)
     if not config.overwrite and _completed_epochs(out, hyper.epochs) == hyper.epochs:
+        if distributed.is_main():
+            from poise.progress import note
+
+            note(f"warmup: {out} is already complete ({hyper.epochs} checkpoints); nothing to do")
         return checkpoints
-    return _train(config, hyper, settings, out, checkpoints)
+    return _train(config, hyper, settings, out, checkpoints, examples, count)
+
+
+def warmup_count(n_pool: int, hyper: Any) -> int:
+    """How many pool examples the warmup trains on; warns when that is less than one optimizer step's batch."""
+    if hyper.examples is not None:
+        count = hyper.examples
+        if count > n_pool:
+            raise PoiseError(f"--examples {count}: the pool has only {n_pool} examples")
+        source = f"--examples {count}"
+    else:
+        count = max(1, math.floor(hyper.fraction * n_pool))
+        source = f"--fraction {hyper.fraction:g} of {n_pool} pool examples"
+    if count < hyper.batch_size and distributed.is_main():
+        from poise.errors import warn
+
+        warn(f"warmup trains on {count} examples ({source}), fewer than one batch (--batch-size "
+             f"{hyper.batch_size}): every epoch is a single optimizer step, so each checkpoint's Adam moments come "
+             f"from {hyper.epochs} steps at most; for a small pool pass --examples N (or --fraction 1.0) and a "
+             "--batch-size that gives several steps per epoch")
+    return count
 
 
 def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: Path,
-           checkpoints: list[Path]) -> list[Path]:
+           checkpoints: list[Path], examples: list[Any], count: int) -> list[Path]:
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from poise.data import read_examples, tokenize_examples
+    from poise.data import tokenize_examples
     from poise.model import attach_lora, load_model, load_tokenizer
 
     device = distributed.device_for_rank(config.device)
     world, rank = distributed.world_size(), distributed.rank()
 
     # -- the warmup examples: a seeded random part of the pool, tokenised
-    examples = [e for path in config.data for e in read_examples(path)]
-    if not examples:
-        raise PoiseError(f"no examples in {', '.join(config.data)}")
-    count = hyper.examples if hyper.examples is not None else max(1, math.floor(hyper.fraction * len(examples)))
-    if count > len(examples):
-        raise PoiseError(f"--examples {count}: the pool has only {len(examples)} examples")
     chosen = [examples[i] for i in subset_indices(len(examples), count, config.seed)]
     tokenizer = load_tokenizer(config.model)
     kept, tokenized, _excluded = tokenize_examples(chosen, tokenizer, config.max_seq_length,
@@ -291,6 +334,9 @@ def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: P
     ids_digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
 
     n = len(tokenized)
+    if n == 0:
+        raise PoiseError(f"none of the {count} warmup examples has a target token within --max-seq-length "
+                         f"{config.max_seq_length}")
     steps_per_epoch = math.ceil(n / hyper.batch_size)
     total_steps = steps_per_epoch * hyper.epochs
     n_warmup = warmup_steps(total_steps, hyper.warmup_ratio)
@@ -331,9 +377,9 @@ def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: P
         try:
             adapter = load_file(str(last / ADAPTER_WEIGHTS), device=str(device))
             result = set_peft_model_state_dict(model, adapter)
-            state = torch.load(last / OPTIMIZER_STATE_FILE, map_location=device, weights_only=True)
-            optimizer.load_state_dict(state)
-        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            restore_optimizer_state(model, optimizer, load_file(str(last / MOMENTS_FILE)),
+                                    int(read_json(last / CHECKPOINT_FILE)["step"]))
+        except (OSError, RuntimeError, ValueError, KeyError, PoiseError) as exc:
             raise PoiseError(f"{last}: cannot resume from it ({str(exc).splitlines()[0]}); "
                              "delete the folder or pass --overwrite") from None
         missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
@@ -344,16 +390,13 @@ def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: P
     padding_side = getattr(tokenizer, "padding_side", "right") or "right"
     model.train()
 
-    show = distributed.is_main() and sys.stderr.isatty()
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from poise.progress import note, track
 
-    columns = (TextColumn("warmup epoch {task.fields[epoch]}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total} steps"), TextColumn("loss {task.fields[loss]}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
+    if start and distributed.is_main():
+        note(f"warmup: resuming at epoch {start + 1} of {hyper.epochs} (checkpoint-{start} is complete)")
     # fork_rng: the per-epoch seeding of dropout does not leak into the caller's random state
-    with torch.random.fork_rng(devices=[]), Progress(*columns, disable=not show, transient=True) as bar:
-        task = bar.add_task("warmup", total=total_steps, completed=start * steps_per_epoch, epoch=start + 1,
-                            loss="-")
+    with torch.random.fork_rng(devices=[]), track("warmup", total_steps, unit="steps", done=start * steps_per_epoch,
+                                                  enabled=distributed.is_main()) as progress:
         for epoch in range(start + 1, hyper.epochs + 1):
             torch.manual_seed(_mix_seed(config.seed, epoch, rank))  # dropout: the same masks on every (re)run
             order = epoch_order(n, config.seed, epoch)
@@ -372,7 +415,8 @@ def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: P
                 optimizer.zero_grad(set_to_none=True)
                 rates.append(lr)
                 losses.append(loss)
-                bar.update(task, advance=1, epoch=epoch, loss=f"{loss:.4f}")
+                progress.advance(1, tokens=sum(len(tokenized[i].input_ids) for i in mine), epoch=epoch,
+                                 loss=f"{loss:.4f}")
             if distributed.is_main():
                 info = {
                     "epoch": epoch,
@@ -387,7 +431,7 @@ def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: P
                     "examples": n,
                 }
                 write_checkpoint(checkpoints[epoch - 1], lambda tmp: model.save_pretrained(str(tmp)),
-                                 optimizer_moments(model, optimizer), info, optimizer.state_dict())
+                                 optimizer_moments(model, optimizer), info)
             distributed.barrier()
     return checkpoints
 

@@ -138,18 +138,25 @@ def run_features(config: FeaturesConfig) -> Path:
 
     batches = token_budget_batches([len(t.input_ids) for t in tokenized], config.max_tokens, config.max_batch_size)
     done = store.done_batches()
-    mine = [k for k in range(len(batches)) if k % distributed.world_size() == distributed.rank() and k not in done]
+    world, rank = distributed.world_size(), distributed.rank()
+    assigned = [k for k in range(len(batches)) if k % world == rank]
+    mine = [k for k in assigned if k not in done]
     pad_id = tokenizer.pad_token_id
     padding_side = getattr(tokenizer, "padding_side", "right") or "right"
 
-    import sys
+    from poise.progress import note, track
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    show = distributed.is_main() and sys.stderr.isatty()
-    with Progress(TextColumn(f"features ({config.kind})"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn(), disable=not show, transient=True) as bar:
-        task = bar.add_task("batches", total=len(mine))
+    main = distributed.is_main()
+    n_done = sum(len(batches[k]) for k in range(len(batches)) if k in done)
+    if main and not mine and len(done) == len(batches):
+        note(f"features: {config.out} is already complete ({len(ids)} examples); nothing to do")
+    elif main and done:
+        note(f"features: resuming at {n_done} of {len(ids)} examples ({len(done)} of {len(batches)} batches "
+             f"were done)")
+    label = f"features ({config.kind})" + (f" rank {rank}/{world}" if world > 1 else "")
+    total = sum(len(batches[k]) for k in assigned)
+    finished_here = sum(len(batches[k]) for k in assigned if k in done)
+    with track(label, total, unit="examples", done=finished_here, enabled=main and bool(mine)) as progress:
         for k in mine:
             rows = batches[k]
             batch = {key: value.to(device) for key, value in
@@ -173,7 +180,7 @@ def run_features(config: FeaturesConfig) -> Path:
                 if config.projection != "none":
                     values = torch.nn.functional.normalize(values, dim=1)
             store.write_batch(k, np.asarray(rows, dtype=np.int64), values.detach().cpu().numpy())
-            bar.advance(task)
+            progress.advance(len(rows), tokens=int(batch["attention_mask"].sum()))
     complete = store.finish(len(batches))
     if not complete:  # pragma: no cover - only when another rank failed
         raise PoiseError(f"{config.out}: some batches are missing; rerun the same command to finish")
