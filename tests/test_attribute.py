@@ -115,3 +115,20 @@ def test_features_of_mismatched_settings_are_refused_in_one_line(run, tmp_path) 
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("poise: error:") and "projection" in lines[0]
+
+
+def test_a_checkpoint_with_zero_mean_learning_rate_is_explained(run, tmp_path) -> None:
+    ckpt = Path(json.loads((run["train2"] / "info.json").read_text())["settings"]["checkpoint"]) / "checkpoint.json"
+    original = ckpt.read_text()
+    try:
+        ckpt.write_text(json.dumps({**json.loads(original), "lr_mean": 0.0}))
+        with pytest.warns(UserWarning, match=r"checkpoint-2 gets weight 0 and its features count for nothing: its "
+                                             r"epoch trained with a mean learning rate of 0"):
+            compute_attribution(AttributeConfig(train=[str(run["train1"]), str(run["train2"])],
+                                                val=[str(run["val1"]), str(run["val2"])], out=str(tmp_path / "a")))
+        with pytest.raises(PoiseError, match="every checkpoint has weight 0: .* warm up on more examples") as info:
+            compute_attribution(AttributeConfig(train=[str(run["train2"])], val=[str(run["val2"])],
+                                                out=str(tmp_path / "b")))
+        assert "\n" not in str(info.value)
+    finally:
+        ckpt.write_text(original)

@@ -37,10 +37,20 @@ def test_attribution_folder_round_trips(small_files, tmp_path) -> None:
     assert again.row_ids == matrix.row_ids and again.kind == "influence"
 
 
-def test_unequal_task_sizes_warn(tmp_path) -> None:
+def test_unequal_task_sizes_warn_in_task_max_only_not_on_every_load(tmp_path) -> None:
+    import warnings
+
+    from poise import select
+
+    scores = np.zeros((3, 3), np.float32) + np.arange(3, dtype=np.float32)[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading, BIDS and instance-max say nothing about it
+        matrix = AttributionMatrix(scores, [0, 1, 2], ["a", "a", "b"])
+        select(matrix, method="bids", budget=2)
+        select(matrix, method="instance-max", budget=2)
+    assert matrix.unequal_task_sizes() == "a=2, b=1"
     with pytest.warns(UserWarning, match="unequal numbers of validation columns"):
-        AttributionMatrix(np.zeros((3, 3), np.float32) + np.arange(3, dtype=np.float32)[:, None],
-                          [0, 1, 2], ["a", "a", "b"])
+        select(matrix, method="task-max", budget=2)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

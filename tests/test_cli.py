@@ -193,3 +193,36 @@ def test_report_command_errors_are_one_line(small_files, tmp_path, capsys) -> No
     assert_one_error_line(code, err, "nothing", "no such selection")
     code, _, err = run(["report", "--out", tmp_path / "report"], capsys)
     assert_one_error_line(code, err, "at least one selection")
+
+
+def test_missing_attribution_folder_says_no_such_folder(tmp_path, capsys) -> None:
+    code, _, err = run(["select", "--attribution", tmp_path / "nope", "--out", tmp_path / "sel"], capsys)
+    assert_one_error_line(code, err, "nope", "no such file or folder")
+
+
+def test_misspelled_flag_suggests_the_closest_one(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["select", "--attribtion", str(tmp_path), "--out", str(tmp_path / "sel")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "poise select: error: unrecognized argument --attribtion; did you mean --attribution?" in err
+    assert "usage: poise select" in err  # the sub-command's usage, not the top-level one
+
+
+def test_misspelled_command_suggests_the_closest_one(capsys) -> None:
+    code, _, err = run(["selct", "--out", "x"], capsys)
+    assert code == 2 and "unknown command 'selct'; did you mean select?" in err
+
+
+def test_every_missing_required_flag_is_named_in_one_line(capsys) -> None:
+    code, _, err = run(["warmup"], capsys)
+    assert_one_error_line(code, err, "--data, --model, --out are required")
+
+
+def test_help_lists_required_flags_apart(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["warmup", "--help"])
+    out = capsys.readouterr().out
+    required = out.split("required (on the command line or in --config):")[1].split("options:")[0]
+    assert "--data" in required and "--model" in required and "--out" in required
+    assert "--epochs" not in required

@@ -148,6 +148,11 @@ def test_killed_run_restarted_gives_byte_identical_features(setup, tmp_path) -> 
     assert resumed.returncode == 0, resumed.stderr
     whole = (tmp_path / "whole" / "features.npy").read_bytes()
     assert (tmp_path / "resumed" / "features.npy").read_bytes() == whole
+    # said, not silent: where it resumed, progress lines in a log (no terminal here), and a finished folder
+    assert "poise: features: resuming at " in resumed.stderr and "(3 of " in resumed.stderr
+    assert "examples (100%)" in reference.stderr and "tokens/s" in reference.stderr
+    again = _cli(*_feature_args(setup, tmp_path / "resumed"))
+    assert again.returncode == 0 and "is already complete" in again.stderr
 
 
 def test_two_rank_torchrun_writes_the_same_features_as_one_process(setup, tmp_path) -> None:

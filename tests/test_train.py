@@ -140,7 +140,7 @@ def test_warmup_writes_the_checkpoint_layout(setup):
     assert ids == [f"ex{i}" for i in subset_indices(40, 24, 3)]
 
 
-def test_warmup_is_deterministic_and_resumes_exactly(setup):
+def test_warmup_is_deterministic_and_resumes_exactly_from_the_stored_moments(setup):
     first = Path(setup["config"].out)
     second = setup["root"] / "run-b"
     config = dataclasses.replace(setup["config"], out=str(second))
@@ -432,3 +432,50 @@ def test_import_bad_inputs_are_one_line_errors(hf_run):
             import_checkpoint(ImportConfig(checkpoint=str(folder), out=str(root / f"out-{folder.name}")))
         assert "\n" not in str(info.value)
         assert not (root / f"out-{folder.name}").exists()
+
+
+# ------------------------------------------------------------------------------ small warmup sets
+@pytest.mark.parametrize("total,ratio", [(1, 0.03), (4, 0.03), (4, 0.5), (6, 0.2), (7, 1.0), (400, 0.03)])
+def test_every_step_and_so_every_epoch_has_a_positive_learning_rate(total, ratio):
+    from poise.train import learning_rate, warmup_steps
+
+    n_warmup = warmup_steps(total, ratio)
+    rates = [learning_rate(s, total, n_warmup, 2e-5) for s in range(total)]
+    assert min(rates) > 0 and max(rates) == pytest.approx(2e-5)
+    assert rates[:n_warmup] == sorted(rates[:n_warmup]) and rates[n_warmup:] == sorted(rates[n_warmup:], reverse=True)
+
+
+def test_warmup_set_below_one_batch_warns_before_the_model_is_loaded(setup, monkeypatch):
+    import poise.model
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the model was loaded")
+
+    monkeypatch.setattr(poise.model, "load_tokenizer", refuse)
+    monkeypatch.setattr(poise.model, "load_model", refuse)
+    config = dataclasses.replace(setup["config"], out=str(setup["root"] / "tiny-set"), examples=None, fraction=0.05,
+                                 batch_size=128)
+    with pytest.warns(UserWarning, match=r"trains on 2 examples \(--fraction 0.05 of 40 pool examples\), fewer than "
+                                         r"one batch \(--batch-size 128\)"), \
+            pytest.raises(RuntimeError, match="the model was loaded"):
+        run_warmup(config)
+
+
+def test_missing_data_is_one_error_line_before_the_model_is_loaded(setup, monkeypatch):
+    import poise.model
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the model was loaded")
+
+    monkeypatch.setattr(poise.model, "load_tokenizer", refuse)
+    monkeypatch.setattr(poise.model, "load_model", refuse)
+    config = dataclasses.replace(setup["config"], out=str(setup["root"] / "no-data"),
+                                 data=[str(setup["root"] / "missing.jsonl")])
+    with pytest.raises(PoiseError, match="missing.jsonl"):
+        run_warmup(config)
+
+
+def test_rerun_of_a_complete_warmup_says_so(setup, capfd):
+    run_warmup(setup["config"])
+    assert "is already complete (2 checkpoints); nothing to do" in capfd.readouterr().err
+

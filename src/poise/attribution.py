@@ -113,13 +113,17 @@ class AttributionMatrix:
         if self.kind is not None and self.kind not in MATRIX_KINDS:
             raise PoiseError(f"{where}: unknown matrix kind {self.kind!r}; expected one of {MATRIX_KINDS}")
         _check_finite(scores, where)
+
+    def unequal_task_sizes(self) -> str | None:
+        """"code=5, math=3" when tasks have unequal numbers of validation columns, else None.
+
+        Said once where it matters: when the matrix is computed (`poise attribute`) and by task-max, whose
+        per-task mean then differs from the paper's per-task sum; not on every load.
+        """
         counts = {name: len(cols) for name, cols in self.task_columns().items()}
-        if len(set(counts.values())) > 1:
-            listing = ", ".join(f"{name}={n}" for name, n in counts.items())
-            warn(
-                f"{where}: tasks have unequal numbers of validation columns ({listing}); "
-                "task-wise scores use the per-task mean"
-            )
+        if len(set(counts.values())) <= 1:
+            return None
+        return ", ".join(f"{name}={n}" for name, n in counts.items())
 
     # ------------------------------------------------------------------------------- streaming
     def column_stats(self) -> ColumnStats:
@@ -373,6 +377,8 @@ def load_attribution(
     """
     source = Path(source)
     info: dict = {}
+    if not source.exists():
+        raise PoiseError(f"{source}: no such file or folder")
     if source.is_dir():
         scores_path = source / SCORES_FILE
         if not scores_path.exists():
@@ -542,6 +548,13 @@ def compute_attribution(config: Any, progress=None) -> Path:
     atomic_write_lines(out / COLUMNS_FILE, (json.dumps({"id": r["id"], "task": r["task"]}) for r in v0[1]))
     atomic_write_lines(out / ROWS_FILE, (json.dumps({"id": r["id"]}) for r in t0[1]))
     atomic_write_json(out / INFO_FILE, {"n_rows": n, "n_columns": m, "kind": settings["kind"], "settings": settings})
+    counts: dict[str, int] = {}
+    for row in v0[1]:
+        counts[row["task"]] = counts.get(row["task"], 0) + 1
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{name}={k}" for name, k in counts.items())
+        warn(f"{config.val[0]}: tasks have unequal numbers of validation examples ({listing}); task-max uses the "
+             "per-task mean (the paper's per-task sum would favour the larger tasks)")
     return out
 
 

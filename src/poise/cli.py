@@ -35,8 +35,15 @@ from poise.errors import PoiseError, PoiseWarning
 
 # ----------------------------------------------------------------------------- dataclass -> flags
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of `cls`; required fields go into a "required" group of the help.
+
+    argparse's own `required=True` cannot be used: a required setting may come from the --config file.
+    """
     hints = field_types(cls)
+    required = parser.add_argument_group("required (on the command line or in --config)")
+    parser._action_groups.insert(1, parser._action_groups.pop())  # listed before the options
     for f in dataclasses.fields(cls):
+        group = required if f.metadata.get("required") else parser
         kind, _ = base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
@@ -45,7 +52,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=help_text)
             continue
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if typing.get_origin(kind) is list:
             kwargs["type"] = lambda text: [t.strip() for t in text.split(",") if t.strip()]
@@ -59,7 +66,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         if default not in (None, [], False) and "required" not in f.metadata:
             kwargs["help"] = f"{help_text} (default: {default})"
-        parser.add_argument(flag, **kwargs)
+        group.add_argument(flag, **kwargs)
 
 
 def build_config(cls: type, args: argparse.Namespace, section: str) -> Any:
@@ -70,9 +77,11 @@ def build_config(cls: type, args: argparse.Namespace, section: str) -> Any:
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
     config = from_dict(cls, values, "command line")
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("required") and getattr(config, f.name) in (None, "", []):
-            raise PoiseError(f"--{f.name.replace('_', '-')} is required")
+    missing = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cls)
+               if f.metadata.get("required") and getattr(config, f.name) in (None, "", [])]
+    if missing:
+        raise PoiseError(f"{' and '.join(missing) if len(missing) <= 2 else ', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} required")
     return config
 
 
@@ -218,9 +227,44 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(prefix + str(message), file=sys.stderr)
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extras: list[str]) -> None:
+    """Exit with one line naming the unknown flag and the closest known one of the sub-command."""
+    import difflib
+
+    sub = _subparsers(parser).get(command) if command else None
+    target = sub or parser
+    known = [o for action in target._actions for o in action.option_strings if o.startswith("--")]
+    flags = [e.split("=", 1)[0] for e in extras if e.startswith("-")]
+    first = flags[0] if flags else extras[0]
+    close = difflib.get_close_matches(first, known, n=1, cutoff=0.6) if flags else []
+    hint = f"; did you mean {close[0]}?" if close else f"; see poise {command or ''} --help".replace("  ", " ")
+    what = "unrecognized argument" if flags else "unexpected value"
+    target.print_usage(sys.stderr)
+    print(f"poise{' ' + command if command else ''}: error: {what} {first}{hint}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and not words[0].startswith("-") and words[0] not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(words[0], list(COMMANDS), n=1, cutoff=0.6)
+        parser.print_usage(sys.stderr)
+        hint = f"did you mean {close[0]}?" if close else f"the commands are {', '.join(COMMANDS)}"
+        print(f"poise: error: unknown command {words[0]!r}; {hint}", file=sys.stderr)
+        return 2
+    args, extras = parser.parse_known_args(words)
+    if extras:
+        _unrecognized(parser, getattr(args, "command", None), extras)
     if not args.command:
         parser.print_help()
         return 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from poise.attribution import AttributionMatrix
+from poise.errors import warn
 from poise.selection.registry import Context, Picks, register
 
 
@@ -61,6 +62,10 @@ def select_instance_max(matrix: AttributionMatrix, budget: int, ctx: Context) ->
     description="s_i = max_k mean_{j in task k} A_ij; top B (LESS; the paper's sum equals it for equal task sizes)",
 )
 def select_task_max(matrix: AttributionMatrix, budget: int, ctx: Context) -> Picks:
+    listing = matrix.unequal_task_sizes()
+    if listing:
+        warn(f"{matrix.source or 'scores'}: tasks have unequal numbers of validation columns ({listing}); task-max "
+             "uses the per-task mean (the paper's per-task sum would favour the larger tasks)")
     return _score_and_take(matrix, budget, ctx, "task-max")
 
 
