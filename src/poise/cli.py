@@ -118,7 +118,10 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     config = build_config(WarmupConfig, args, "warmup")
     checkpoints, seconds, main = _run_under_torchrun(run_warmup, config)
     if main:
-        print(f"warmup: {len(checkpoints)} checkpoint(s) in {config.out} ({seconds:.1f}s)")
+        from poise.io import disk_size, human_size
+
+        print(f"warmup: {len(checkpoints)} checkpoint(s) in {config.out} ({seconds:.1f}s, "
+              f"{human_size(disk_size(config.out))} on disk)")
     return 0
 
 
@@ -136,7 +139,9 @@ def cmd_features(args: argparse.Namespace) -> int:
     config = build_config(FeaturesConfig, args, "features")
     out, seconds, main = _run_under_torchrun(run_features, config)
     if main:
-        print(f"features: {out} ({seconds:.1f}s)")
+        from poise.io import disk_size, human_size
+
+        print(f"features: {out} ({seconds:.1f}s, {human_size(disk_size(out))} on disk)")
     return 0
 
 

@@ -84,3 +84,20 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise PoiseError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
+def disk_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a file or of every file under a folder (0 when it does not exist)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def human_size(size: int) -> str:
+    """1.2 GB, 517 MB, 84 kB: decimal units, as `du --si` and file managers show them."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{size} B"
