@@ -13,7 +13,7 @@ import time
 import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from poise import __version__
@@ -87,17 +87,20 @@ def build_config(cls: type, args: argparse.Namespace, section: str) -> Any:
 
 # ------------------------------------------------------------------------------------ commands
 @contextmanager
-def _progress(description: str) -> Iterator[Callable[[int, int], None] | None]:
-    """Yields a (done, total) callback driving a rich bar on stderr, or None when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+def _progress(description: str, unit: str, log: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """Yields a (done, total) callback: a bar on a terminal; without one, log lines (`log`) or nothing."""
+    from poise.progress import track
 
-    with Progress(TextColumn(description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn(), transient=True) as progress:
-        task = progress.add_task(description, total=None)
-        yield lambda done, total: progress.update(task, completed=done, total=total)
+    state: dict[str, Any] = {}
+    with ExitStack() as stack:
+        def update(done: int, total: int) -> None:
+            if "tracker" not in state:
+                state["tracker"] = stack.enter_context(
+                    track(description, total, unit=unit, enabled=log or sys.stderr.isatty()))
+            tracker = state["tracker"]
+            tracker.advance(done - tracker.done)
+
+        yield update
 
 
 def _run_under_torchrun(run: Callable[[Any], Any], config: Any) -> tuple[Any, float, bool]:
@@ -149,7 +152,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     from poise.attribution import compute_attribution
 
     config = build_config(AttributeConfig, args, "attribute")
-    with _progress("attribute") as update:
+    with _progress("attribute", unit="rows") as update:
         out = compute_attribution(config, progress=update)
     print(f"attribution: {out} (poise select --attribution {out} ...)")
     return 0
@@ -162,7 +165,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     config = build_config(SelectConfig, args, "select")
     started = time.perf_counter()
-    with _progress(f"select {config.method}") as update:
+    with _progress(f"select {config.method}", unit="steps", log=False) as update:
         selection, reused = run_select(config, progress=update)
     console = Console(soft_wrap=True)
     verb = "up to date:" if reused else "selected"

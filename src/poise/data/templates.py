@@ -19,10 +19,9 @@ silently keeps them and gives them identical nonzero Adam features (DESIGN.md §
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from poise.data.formats import IGNORE_INDEX, Example
 from poise.errors import PoiseError, warn
@@ -52,7 +51,7 @@ MAX_WARNINGS = 20
 """Exclusions reported one line each; the rest are summarised in one line (all are returned)."""
 
 PROGRESS_FROM = 2000
-"""Show a progress bar from this many examples on (and only when stderr is a terminal)."""
+"""Show progress (a bar on a terminal, log lines otherwise) from this many examples on."""
 
 
 @dataclass
@@ -100,8 +99,9 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
     kept: list[int] = []
     tokenized: list[Tokenized] = []
     excluded: list[tuple[Example, str]] = []
-    bar, task = _progress_bar(len(examples)) if progress else (None, None)
-    try:
+    from poise.progress import track
+
+    with track("tokenize", len(examples), enabled=progress and len(examples) >= PROGRESS_FROM) as bar:
         for start in range(0, len(examples), CHUNK):
             chunk = examples[start:start + CHUNK]
             for offset, (item, reason) in enumerate(encoder.encode(chunk)):
@@ -110,11 +110,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
                     tokenized.append(item)
                 else:
                     excluded.append((chunk[offset], reason))
-            if bar is not None:
-                bar.update(task, advance=len(chunk))
-    finally:
-        if bar is not None:
-            bar.stop()
+            bar.advance(len(chunk), tokens=sum(len(t.input_ids) for t in tokenized[-len(chunk):]))
     for example, reason in excluded[:MAX_WARNINGS]:
         warn(f"{example.where} (id '{example.id}'): {reason}; excluded")
     if len(excluded) > MAX_WARNINGS:
@@ -127,19 +123,6 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
 
 
 # ------------------------------------------------------------------------------------ internals
-def _progress_bar(total: int) -> tuple[Any, Any]:
-    if total < PROGRESS_FROM or not sys.stderr.isatty():
-        return None, None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("tokenize"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), transient=True)
-    task = bar.add_task("tokenize", total=total)
-    bar.start()
-    return bar, task
-
-
 @dataclass
 class _Plan:
     """What to tokenise for one conversation: its full text and, per assistant turn, the text before its
