@@ -109,7 +109,11 @@ def test_batched_per_example_gradients_equal_a_batch_size_1_loop(setup, referenc
 def test_batch_size_invariance_of_projected_features(setup, tmp_path) -> None:
     a = features(setup, tmp_path / "a", kind="adam", projection="sjlt", dim=64, max_batch_size=1)
     b = features(setup, tmp_path / "b", kind="adam", projection="sjlt", dim=64, max_batch_size=8)
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The gradients of two batch sizes differ by float32 rounding, at most TOLERANCE of their norm (the test
+    # above); a projection that nearly preserves norms (JL, d=64: within a factor 1.5) followed by
+    # normalisation keeps that, per row: compare row norms of the difference, not single entries (an entry
+    # near 0 has no relative precision of its own).
+    assert relative_errors(a, b).max() < 3 * TOLERANCE
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
 
 
