@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import io
+import json
 import math
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -13,7 +17,7 @@ from rich.console import Console
 
 import poise
 from poise.errors import PoiseError
-from poise.report import build_report, display_names, print_summary, slugs, summary_rows
+from poise.report import build_report, display_names, plots, preview_text, print_summary, summary_rows
 from poise.synthetic import synthetic_matrix
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -62,23 +66,47 @@ def report(matrix, selections, tmp_path_factory):
     return build_report(matrix, selections, out)
 
 
-def test_every_image_in_the_page_is_an_existing_png_in_out_dir(report):
+FIGURES = ["aid_comparison.png", "aid_selections.png", "thi_comparison.png", "thi_selections.png",
+           "coverage.png", "overlap.png"]
+
+
+def test_images_are_embedded_by_default_and_the_pngs_are_still_written_beside_the_page(report):
     page = parse(report)
     assert report.name == "report.html"
-    assert page.images, "the page shows no figures"
+    assert len(page.images) == len(FIGURES)
+    html = report.read_text(encoding="utf-8")
+    assert ".png" not in html  # no <img src="x.png">: the page is one file that opens anywhere
+    embedded = []
     for src in page.images:
-        assert "/" not in src and not src.startswith("data:")
-        path = report.parent / src
-        assert path.is_file() and path.stat().st_size > 0, src
-        assert path.read_bytes()[:8] == PNG_MAGIC
+        assert src.startswith("data:image/png;base64,")
+        embedded.append(base64.b64decode(src.split(",", 1)[1]))
+    for name in FIGURES:
+        png = (report.parent / name).read_bytes()
+        assert png[:8] == PNG_MAGIC
+        assert png in embedded, name
 
 
-def test_each_selection_has_an_aid_and_a_thi_figure_and_comparisons_exist(report):
-    images = set(parse(report).images)
-    for stem in ("bids", "instance-max"):
-        assert f"aid_{stem}.png" in images
-        assert f"thi_{stem}.png" in images
-    assert {"aid_comparison.png", "thi_comparison.png", "coverage.png", "overlap.png"} <= images
+def test_no_embed_images_links_the_png_files_beside_the_page(matrix, selections, tmp_path):
+    path = build_report(matrix, selections, tmp_path, embed_images=False)
+    page = parse(path)
+    assert page.images == FIGURES
+    for src in page.images:
+        assert "/" not in src
+        assert (tmp_path / src).read_bytes()[:8] == PNG_MAGIC
+    assert "data:image" not in path.read_text(encoding="utf-8")
+
+
+def test_selections_share_one_aid_and_one_thi_figure_instead_of_one_each(matrix, selections, tmp_path):
+    three = [*selections, poise.select(matrix, "random", 200)]
+    page = parse(build_report(matrix, three, tmp_path, embed_images=False))
+    assert page.images == FIGURES  # the number of figures does not grow with the selections
+    assert not list(tmp_path.glob("aid_bids*.png")) and not list(tmp_path.glob("thi_bids*.png"))
+
+
+def test_images_carry_their_size_so_the_page_does_not_jump(report):
+    html = report.read_text(encoding="utf-8")
+    assert html.count("<img ") == len(FIGURES)
+    assert len(re.findall(r'<img [^>]*width="\d+" height="\d+"', html)) == len(FIGURES)
 
 
 def test_page_is_self_contained_and_lists_tasks_and_selections(report, matrix):
@@ -89,50 +117,268 @@ def test_page_is_self_contained_and_lists_tasks_and_selections(report, matrix):
     text = " ".join(page.text)
     for task in matrix.task_names:
         assert task in text
-    for label in ("bids", "instance-max", "AID", "THI", "macro"):
+    for label in ("bids", "instance-max", "AID", "THI", "macro", "First picks"):
         assert label in text
 
 
-def test_embedded_report_uses_data_uris_and_no_file_references(matrix, selections, tmp_path):
-    path = build_report(matrix, selections, tmp_path, embed_images=True)
-    page = parse(path)
-    assert page.images and all(src.startswith("data:image/png;base64,") for src in page.images)
-    html = path.read_text(encoding="utf-8")
-    assert ".png" not in html
-
-
-def test_single_selection_report_has_no_overlap_figure(matrix, selections, tmp_path):
-    page = parse(build_report(matrix, selections[:1], tmp_path))
-    assert "overlap.png" not in page.images
+def test_single_selection_report_has_no_overlap_or_comparison_figure(matrix, selections, tmp_path):
+    page = parse(build_report(matrix, selections[:1], tmp_path, embed_images=False))
+    assert page.images == ["aid_selections.png", "thi_selections.png", "coverage.png"]
     assert not (tmp_path / "overlap.png").exists()
-    assert {"aid_bids.png", "thi_bids.png", "coverage.png"} <= set(page.images)
 
 
-def test_user_strings_are_escaped_and_shared_labels_get_distinct_files(matrix, selections, tmp_path):
+def test_user_strings_are_escaped(matrix, selections, tmp_path):
     evil = copy.deepcopy(selections[0])
     evil.arguments["label"] = '<script>alert("x")</script>'
+    evil.trace[0] = {**evil.trace[0], "id": "<b>row</b>", "task": "<i>t</i>", "column_id": "&col"}
     twin_a = copy.deepcopy(selections[1])
     twin_b = copy.deepcopy(selections[1])
-    comparison = copy.deepcopy(selections[0])
-    comparison.arguments["label"] = "comparison"
-    path = build_report(matrix, [evil, twin_a, twin_b, comparison], tmp_path, title="A & B <i>")
+    path = build_report(matrix, [evil, twin_a, twin_b], tmp_path, title="A & B <i>")
     html = path.read_text(encoding="utf-8")
-    assert "<script>" not in html and "<i>" not in html
+    assert "<script>" not in html and "<i>" not in html and "<b>" not in html
     assert "&lt;script&gt;" in html and "A &amp; B &lt;i&gt;" in html
-    images = parse(path).images
-    aid_files = [src for src in images if src.startswith("aid_") and src != "aid_comparison.png"]
-    assert len(aid_files) == len(set(aid_files)) == 4
-    # a selection labelled "comparison" must not overwrite the cross-selection figure
-    assert "aid_comparison.png" in images and "aid_comparison-2.png" in images
+    assert "&lt;b&gt;row&lt;/b&gt;" in html and "&amp;col" in html
+    assert "instance-max #2" in " ".join(parse(path).text)
 
 
-def test_slugs_are_filesystem_safe_unique_and_avoid_reserved_names():
-    stems = slugs(["bids", "bids", "BIDS (raw)", "../etc/passwd", "", "comparison", "ä ö"])
-    assert len(set(stems)) == len(stems)
-    assert stems[:3] == ["bids", "bids-2", "bids-raw"]
-    assert "comparison" not in stems
-    for stem in stems:
-        assert stem and all(c.isascii() and (c.isalnum() or c == "-") for c in stem)
+# ----------------------------------------------------------------------------------------- colours
+def test_method_colors_give_each_selection_one_distinct_colour_and_no_grey():
+    names = ["bids", "bids (raw)", "instance-max", "task-max", "sum", "rds", "random", "instance-max (norm)"]
+    colors = plots.method_colors(names)
+    assert list(colors) == names
+    assert colors == plots.method_colors(names)  # the same names, the same colours, every time
+    rgb = {tuple(round(c, 6) for c in color[:3]) for color in colors.values()}
+    assert len(rgb) == len(names)
+    assert not any(r == g == b for r, g, b in rgb)  # greys are kept for references and neutral legends
+    assert len(set(plots.method_colors([f"m{k}" for k in range(25)]).values())) == 25
+
+
+RED, BLUE = (1.0, 0.0, 0.0, 1.0), (0.0, 0.0, 1.0, 1.0)
+#: Colours the figures used for tasks and series before (tab10 orange, green, purple; the old THI blue and
+#: orange; Set2): none may appear when the only methods are pure red and pure blue.
+OLD_COLORS = [(1.0, 0.498, 0.055), (0.173, 0.627, 0.173), (0.580, 0.404, 0.741), (0.298, 0.447, 0.690),
+              (0.867, 0.518, 0.322), (0.400, 0.761, 0.647), (0.988, 0.553, 0.384)]
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    from matplotlib.image import imread
+
+    return imread(io.BytesIO(png), format="png")[..., :3]
+
+
+def _has(pixels: np.ndarray, color, tol: float = 0.02) -> bool:
+    return bool((np.abs(pixels - np.asarray(color[:3])) < tol).all(axis=-1).any())
+
+
+def _has_pure(pixels: np.ndarray, channel: int) -> bool:
+    """Some pixel is strongly in one RGB channel only (pure red or blue, possibly a little transparent)."""
+    others = [c for c in range(3) if c != channel]
+    return bool(((pixels[..., channel] > 0.9) & (pixels[..., others] < 0.3).all(axis=-1)).any())
+
+
+def test_every_figure_draws_a_selection_in_its_method_colour_and_tasks_without_colour(matrix, selections):
+    from poise.analysis import aid_by_task, coverage, profile
+
+    names = ["one", "two"]
+    colors = {"one": RED, "two": BLUE}
+    profiles = [profile(matrix, s.indices) for s in selections]
+    aids = [aid_by_task(matrix, p.aid) for p in profiles]
+    task_wise, inst = [p.thi_task for p in profiles], [p.thi_instance for p in profiles]
+    coverages = [coverage(matrix, s.indices) for s in selections]
+    figures = {
+        "aid panels": plots.aid_panels(names, aids, colors=colors),
+        "aid comparison": plots.aid_comparison_plot(names, aids, colors=colors),
+        "thi panels": plots.thi_panels(names, task_wise, inst, colors=colors),
+        "thi comparison": plots.thi_comparison_plot(names, task_wise, inst, colors=colors),
+        "coverage": plots.coverage_plot(names, coverages, colors=colors),
+    }
+    for what, png in figures.items():
+        pixels = _pixels(png)
+        assert _has_pure(pixels, 0) and _has_pure(pixels, 2), what
+        for old in OLD_COLORS:
+            assert not _has(pixels, old), (what, old)
+
+
+def test_page_swatches_use_the_same_colour_as_the_figures(report, selections):
+    from matplotlib.colors import to_hex
+
+    html = report.read_text(encoding="utf-8")
+    for name, color in plots.method_colors(display_names(selections)).items():
+        # the selections table, the summary header and the first-picks heading
+        assert html.count(f'<span class="swatch" style="background:{to_hex(color)}">') == 3, name
+
+
+# ------------------------------------------------------------------------------------- plot layout
+def _counts(tasks, values):
+    return dict(zip(tasks, values, strict=True))
+
+
+def test_small_multiples_have_one_panel_per_selection_on_shared_axes_with_integer_count_ticks():
+    tasks = ["a", "b", "c"]
+    names = ["s1", "s2", "s3", "s4", "s5"]
+    counts = [_counts(tasks, [3, 2, 2]), _counts(tasks, [7, 0, 0]), _counts(tasks, [1, 3, 3]),
+              _counts(tasks, [2, 2, 3]), _counts(tasks, [0, 4, 3])]
+    fig = plots.thi_panels_figure(names, counts, counts)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == names
+    first = panels[0]
+    assert all(first.get_shared_y_axes().joined(first, ax) for ax in panels)
+    assert all(first.get_shared_x_axes().joined(first, ax) for ax in panels)
+    ticks = first.get_yticks()
+    assert len(ticks) >= 2 and np.allclose(ticks, np.round(ticks))
+    # every column's lowest panel names the tasks, including one above a spare cell of the grid
+    labelled = [ax for ax in panels if any(t.get_text() for t in ax.get_xticklabels())]
+    assert [ax.get_title() for ax in labelled] == ["s2", "s3", "s4", "s5"]
+
+    aid = [{t: np.linspace(-0.1 * k, 0.2 * k, 4) for t in tasks} for k in range(len(names))]
+    fig = plots.aid_panels_figure(names, aid)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == names
+    assert all(panels[0].get_shared_y_axes().joined(panels[0], ax) for ax in panels)
+    assert [t.get_text() for t in panels[-1].get_xticklabels()] == tasks  # the same task order
+
+
+def test_coverage_limits_leave_headroom_above_100_percent_and_below_zero():
+    low, high = plots.coverage_limits(100.0)
+    assert low < 0.0 and high > 100.0
+    low, high = plots.coverage_limits(12.0)
+    assert low < 0.0 and 12.0 < high < 100.0
+
+
+def test_coverage_draws_a_line_at_100_percent_inside_the_frame_and_counts_picks_in_integers():
+    tasks = ["a", "b"]
+    sizes = np.array([1, 2, 3, 4, 5])
+    full = {"sizes": sizes, "thi_share": {"a": np.ones(5), "b": np.zeros(5)}}
+    fig = plots.coverage_figure(["only-a"], [full])
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert high > 100.0 and low < 0.0
+    assert [a.get_title() for a in fig.axes if a.get_visible() and a.axison] == tasks  # one panel per task
+    ticks = [t for t in ax.get_xticks() if 0 <= t <= 5]
+    assert len(ticks) >= 2 and np.allclose(ticks, np.round(ticks))
+
+
+# ------------------------------------------------------------------------------------- first picks
+class PicksParser(HTMLParser):
+    """The cells of every <table class="picks">, one list of cell texts per row, and the h3 headings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.headings: list[str] = []
+        self._in_table = self._in_h3 = False
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table" and ("class", "picks") in attrs:
+            self._in_table = True
+            self.tables.append([])
+        elif self._in_table and tag == "tr":
+            self.tables[-1].append([])
+        elif self._in_table and tag in ("td", "th"):
+            self._cell = []
+        elif tag == "h3":
+            self._in_h3 = True
+            self.headings.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._in_table = False
+        elif tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell))
+            self._cell = None
+        elif tag == "h3":
+            self._in_h3 = False
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+        elif self._in_h3:
+            self.headings[-1] += data
+
+
+def picks_of(path: Path) -> PicksParser:
+    parser = PicksParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_first_picks_table_lists_each_selections_first_ten_picks_in_order(matrix, selections, tmp_path):
+    chosen = [selections[0], poise.select(matrix, "random", 200)]
+    parsed = picks_of(build_report(matrix, chosen, tmp_path))
+    assert len(parsed.tables) == 2
+    assert parsed.headings[0].startswith("bids") and "first 10 of 200 picks" in parsed.headings[0]
+    for table, selection in zip(parsed.tables, chosen, strict=True):
+        header, *rows = table
+        assert header[:6] == ["rank", "row", "id", "task", "validation example",
+                              "gain" if selection.method == "bids" else "score"]
+        assert len(rows) == 10
+        for k, (row, entry) in enumerate(zip(rows, selection.trace, strict=False)):
+            assert row[0] == str(k + 1) and row[1] == str(entry["row"]) and row[2] == entry["id"]
+            if selection.method == "random":
+                assert row[3] == row[4] == row[5] == "–"  # random serves no task
+            else:
+                assert row[3] == entry["task"] and row[4] == entry["column_id"]
+                assert float(row[5]) == pytest.approx(entry["score"], rel=1e-3)
+
+
+def _pool_lines(matrix, texts=None):
+    lines = []
+    for i in range(matrix.n_rows):
+        text = texts(i) if texts else f"Question number {i}?"
+        lines.append(json.dumps({"id": matrix.row_id(i),
+                                 "messages": [{"role": "system", "content": "be brief"},
+                                              {"role": "user", "content": text},
+                                              {"role": "assistant", "content": "ok"}]}))
+    return lines
+
+
+def test_first_picks_show_the_examples_text_from_selected_jsonl(matrix, selections, tmp_path):
+    folder = tmp_path / "bids"
+    long = "<b>" + "word " * 60
+    poise.write_selection(selections[0], folder, _pool_lines(matrix, lambda i: long if i % 2 else f"Q {i}?"))
+    path = build_report(matrix, selections[:1], tmp_path / "report", folders=[folder])
+    header, *rows = picks_of(path).tables[0]
+    assert header[-1] == "example (first user message)"
+    for row, entry in zip(rows, selections[0].trace, strict=False):
+        text = row[-1]
+        assert len(text) <= 120
+        if entry["row"] % 2:
+            assert text.startswith("<b>word word") and text.endswith("…")
+        else:
+            assert text == f"Q {entry['row']}?"
+    assert "&lt;b&gt;word" in path.read_text(encoding="utf-8")
+
+
+def test_first_picks_ignore_a_selected_jsonl_of_other_rows(matrix, selections, tmp_path):
+    folder = tmp_path / "bids"
+    poise.write_selection(selections[1], folder, _pool_lines(matrix))  # instance-max's picks
+    path = build_report(matrix, selections[:1], tmp_path / "report", folders=[folder])
+    header, *rows = picks_of(path).tables[0]
+    assert "example (first user message)" not in header
+    assert [row[2] for row in rows] == [entry["id"] for entry in selections[0].trace[:10]]
+
+
+@pytest.mark.parametrize(
+    ("example", "expected"),
+    [
+        ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": " Hi\n there "}]},
+         "Hi there"),
+        ({"conversations": [{"from": "human", "value": "sharegpt"}, {"from": "gpt", "value": "x"}]}, "sharegpt"),
+        ({"instruction": "Do it", "input": "now", "output": "ok"}, "Do it now"),
+        ({"prompt": "p", "completion": "c"}, "p"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "parts"}]}]}, "parts"),
+        ({"input_ids": [1, 2], "labels": [1, 2]}, None),
+        ("not a dict", None),
+    ],
+)
+def test_preview_text_reads_the_first_user_message_of_every_pool_format(example, expected):
+    assert preview_text(example) == expected
+
+
+def test_preview_text_is_cut_to_the_limit():
+    text = preview_text({"prompt": "x" * 500}, limit=120)
+    assert len(text) == 120 and text.endswith("…")
 
 
 def test_display_names_disambiguate_repeated_labels(selections):
@@ -196,12 +442,16 @@ def test_run_report_builds_the_page_from_saved_matrix_and_selection_folders(matr
     folders = []
     for selection in selections:
         folder = tmp_path / "selections" / selection.method
-        poise.write_selection(selection, folder)
+        poise.write_selection(selection, folder, _pool_lines(matrix))
         folders.append(str(folder))
     config = ReportConfig(attribution=str(tmp_path / "attribution"), selections=folders,
                           out=str(tmp_path / "report"), title="from disk")
+    assert config.embed_images  # embedded by default
     path = run_report(config)
     assert path == tmp_path / "report" / "report.html"
-    assert {"aid_bids.png", "thi_instance-max.png", "overlap.png"} <= set(parse(path).images)
+    assert all(src.startswith("data:image/png;base64,") for src in parse(path).images)
+    assert {p.name for p in (tmp_path / "report").glob("*.png")} == set(FIGURES)
+    first = selections[0].trace[0]
+    assert f"Question number {first['row']}?" in picks_of(path).tables[0][1]  # read from the given folder
     with pytest.raises(PoiseError, match="at least one selection"):
         run_report(ReportConfig(attribution=str(tmp_path / "attribution"), out=str(tmp_path / "r2")))

@@ -67,7 +67,8 @@ class ReportConfig(MatrixConfig):
     selections: list[str] = _f([], "selection folders written by `poise select`", positional=True)
     out: str | None = _f(None, "output folder for the PNGs and report.html", required=True)
     title: str = _f("poise selection report", "title of the HTML page")
-    embed_images: bool = _f(False, "inline the PNGs into report.html as data URIs")
+    embed_images: bool = _f(True, "embed the figures in report.html as data URIs, one file that opens anywhere "
+                            "(the PNGs are written beside it too); --no-embed-images links the PNG files instead")
 
 
 @dataclass

@@ -1,10 +1,14 @@
-"""Reports on selections: PNG figures, one self-contained HTML page, and a terminal summary table.
+"""Reports on selections: PNG figures, one HTML page, and a terminal summary table.
 
-`build_report(matrix, selections, out_dir)` writes, for every selection, its normalised AID per task
-(`aid_<slug>.png`) and its task-wise and instance-wise THI (`thi_<slug>.png`); across selections
-`aid_comparison.png`, `thi_comparison.png`, `coverage.png` and, for two or more, `overlap.png`; and
-`report.html`, which shows them with a per-task summary table and the selections' settings.
-`print_summary` prints the same per-task table to a terminal with rich.
+`build_report(matrix, selections, out_dir)` writes the figures, each once for all selections:
+`aid_comparison.png` and `aid_selections.png` (the AID per task side by side, and as small multiples,
+one panel per selection), `thi_comparison.png` and `thi_selections.png` (the same for THI),
+`coverage.png` (one panel per task) and, for two or more selections, `overlap.png`; and
+`report.html`, which shows them with the selections' settings, a per-task summary table and a table
+of each selection's first picks. Every selection keeps one colour in every figure (`plots.method_colors`).
+The page embeds the PNGs as data URIs by default, so it is one file that opens anywhere; the PNGs are
+written beside it all the same, and `embed_images=False` links them instead.
+`print_summary` prints the per-task table to a terminal with rich.
 
 The numbers come from `poise.analysis` (BIDS paper Sections 3 and 6.2); this package only lays them
 out. matplotlib is imported when a report is built, not by `print_summary`.
@@ -12,10 +16,10 @@ out. matplotlib is imported when a report is built, not by `print_summary`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,19 +30,21 @@ from poise.analysis import aid_by_task, coverage, overlap, profile, task_summary
 from poise.attribution import AttributionMatrix, load_matrix
 from poise.errors import PoiseError
 from poise.io import atomic_write_bytes, atomic_write_text
-from poise.selection import Selection, read_selection
+from poise.selection import SELECTED_FILE, SELECTION_FILE, Selection, read_selection
 
 if TYPE_CHECKING:
     from poise.config import ReportConfig
 
 __all__ = [
-    "REPORT_FILE", "build_report", "display_names", "print_summary", "run_report", "slugs", "summary_rows",
+    "REPORT_FILE", "build_report", "display_names", "first_picks", "preview_text", "print_summary",
+    "run_report", "summary_rows",
 ]
 
 REPORT_FILE = "report.html"
-#: Slugs that would make a per-selection file collide with a comparison figure (aid_comparison.png).
-_RESERVED_SLUGS = frozenset({"comparison"})
-_SLUG_MAX = 48
+#: The first-picks table of each selection shows this many picks.
+PICKS_SHOWN = 10
+#: Example text in the first-picks table is cut to this many characters.
+PREVIEW_CHARS = 120
 
 
 # ----------------------------------------------------------------------------------------- names
@@ -58,16 +64,6 @@ def _unique(bases: Sequence[str], taken: set[str], suffix: str) -> list[str]:
 def display_names(selections: Sequence[Selection]) -> list[str]:
     """Each selection's label, made unique by appending ` #2`, ` #3`, ... to repeats."""
     return _unique([s.label for s in selections], set(), " #%d")
-
-
-def _slug(text: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:_SLUG_MAX].strip("-")
-    return slug or "selection"
-
-
-def slugs(names: Sequence[str]) -> list[str]:
-    """Filesystem-safe ([a-z0-9-], lower case), unique file stems for the given names."""
-    return _unique([_slug(name) for name in names], set(_RESERVED_SLUGS), "-%d")
 
 
 # ------------------------------------------------------------------------------------- summaries
@@ -168,8 +164,123 @@ def print_summary(matrix: AttributionMatrix, selections: Sequence[Selection], co
             console.width = previous
 
 
+# ----------------------------------------------------------------------------------- first picks
+def _text_of(content: Any) -> str | None:
+    """A message's text: a string, or the text parts of a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text") if isinstance(p, dict) else p for p in content]
+        text = " ".join(p for p in parts if isinstance(p, str))
+        return text or None
+    return None
+
+
+def preview_text(example: Any, limit: int = PREVIEW_CHARS) -> str | None:
+    """The first user message of a pool example (tulu `messages`, sharegpt `conversations`, alpaca
+    `instruction`/`input`, `prompt`, `text`), on one line and cut to `limit` characters; None when
+    the example has no text to show (e.g. it is pre-tokenized)."""
+    if not isinstance(example, dict):
+        return None
+    text = None
+    turns = example.get("messages") or example.get("conversations")
+    if isinstance(turns, list):
+        dicts = [t for t in turns if isinstance(t, dict)]
+        users = [t for t in dicts if (t.get("role") or t.get("from")) in ("user", "human")]
+        for turn in users or dicts[:1]:
+            text = _text_of(turn.get("content", turn.get("value")))
+            if text:
+                break
+    if not text and isinstance(example.get("instruction"), str):
+        extra = example.get("input")
+        text = example["instruction"] + (f" {extra}" if isinstance(extra, str) and extra else "")
+    for key in ("prompt", "text"):
+        if not text and isinstance(example.get(key), str):
+            text = example[key]
+    if not text:
+        return None
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _first_lines(path: Path, count: int) -> list[str]:
+    lines: list[str] = []
+    with path.open("r", encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                lines.append(line)
+                if len(lines) == count:
+                    break
+    return lines
+
+
+def _previews(folder: str | os.PathLike | None, trace: Sequence[dict[str, Any]]) -> list[str | None]:
+    """The example text of the given picks from `selected.jsonl` in the selection folder.
+
+    The file holds the pool lines in pick order. Nothing is shown (all None) when there is no such
+    file, it cannot be read, or a line's id disagrees with the pick's id (a file of another selection).
+    """
+    nothing: list[str | None] = [None] * len(trace)
+    if not folder or not trace:
+        return nothing
+    path = Path(folder)
+    if path.name == SELECTION_FILE:
+        path = path.parent
+    path = path / SELECTED_FILE
+    try:
+        if not path.is_file():
+            return nothing
+        lines = _first_lines(path, len(trace))
+    except (OSError, UnicodeDecodeError):
+        return nothing
+    texts: list[str | None] = []
+    for entry, line in zip(trace, lines, strict=False):
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError:
+            texts.append(None)
+            continue
+        if isinstance(example, dict) and "id" in example and entry.get("id") is not None \
+                and str(example["id"]) != str(entry["id"]):
+            return nothing
+        texts.append(preview_text(example))
+    return texts + [None] * (len(trace) - len(texts))
+
+
+def _recorded_folder(selection: Selection) -> str | None:
+    """The folder `poise select` wrote the selection to, as recorded in its settings."""
+    settings = selection.arguments.get("settings") or {}
+    out = settings.get("out")
+    return str(out) if out else None
+
+
+def first_picks(
+    selection: Selection, limit: int = PICKS_SHOWN, folder: str | os.PathLike | None = None
+) -> list[dict[str, Any]]:
+    """The first `limit` picks of a selection from its trace: `rank` (0-based), `row`, `id`, `task`,
+    `column_id` (the validation example the pick served; None for random), `score` (the BIDS gain or
+    the rule's score; None when there is none) and `text` (a preview of the example from the folder's
+    selected.jsonl, else None). `folder` defaults to the folder the selection records."""
+    trace = list(selection.trace[:limit])
+    if not trace:  # a selection without a trace: its indices alone
+        trace = [{"rank": k, "row": int(row)} for k, row in enumerate(selection.indices[:limit].tolist())]
+    texts = _previews(folder if folder is not None else _recorded_folder(selection), trace)
+    return [
+        {
+            "rank": entry.get("rank", k),
+            "row": entry.get("row"),
+            "id": entry.get("id"),
+            "task": entry.get("task"),
+            "column_id": entry.get("column_id"),
+            "score": entry.get("score"),
+            "text": text,
+        }
+        for k, (entry, text) in enumerate(zip(trace, texts, strict=True))
+    ]
+
+
 # ---------------------------------------------------------------------------------------- report
-def _selection_row(name: str, slug: str, selection: Selection) -> list[str]:
+def _selection_row(name: str, selection: Selection) -> list[str]:
     picks = len(selection.indices)
     tasks = selection.arguments.get("tasks")
     return [
@@ -182,8 +293,14 @@ def _selection_row(name: str, slug: str, selection: Selection) -> list[str]:
         "yes" if selection.normalize else "no",
         str(selection.arguments.get("seed", "")),
         ", ".join(map(str, tasks)) if tasks else "all",
-        slug,
     ]
+
+
+def _as_list(values: Iterable[Any] | None, n: int) -> list[Any]:
+    out = list(values) if values is not None else [None] * n
+    if len(out) != n:
+        raise PoiseError(f"expected {n} selection folders, got {len(out)}")
+    return out
 
 
 def build_report(
@@ -191,14 +308,19 @@ def build_report(
     selections: list[Selection],
     out_dir: str | os.PathLike,
     title: str = "poise selection report",
-    embed_images: bool = False,
+    embed_images: bool = True,
+    folders: Sequence[str | os.PathLike | None] | None = None,
 ) -> Path:
     """Write the figures and `report.html` for `selections` of `matrix` into `out_dir`; return the page.
 
-    The PNGs are always written; with `embed_images` the page carries them as base64 data URIs
-    (a single file to share) instead of referring to them by name. Files are written atomically.
-    Files of an earlier report in `out_dir` that this one does not produce are left in place.
+    The PNGs are always written. With `embed_images` (the default) the page carries them as base64
+    data URIs, so `report.html` is one file to share; without, it refers to them by name. `folders`
+    are the selections' folders, read for a preview of the first picks' text (selected.jsonl); by
+    default the folder each selection records. Files are written atomically. Files of an earlier
+    report in `out_dir` that this one does not produce are left in place.
     """
+    from matplotlib.colors import to_hex
+
     from poise.report import plots
     from poise.report.html import (
         AID_CAPTION,
@@ -206,15 +328,18 @@ def build_report(
         OVERLAP_CAPTION,
         THI_CAPTION,
         Image,
+        PickTable,
         Section,
         render_page,
     )
 
     _check(matrix, selections)
+    folder_list = _as_list(folders, len(selections))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = display_names(selections)
-    stems = slugs(names)
+    colors = plots.method_colors(names)
+    hex_colors = [to_hex(colors[name]) for name in names]
 
     aids, thi_task, thi_instance, coverages, summaries = [], [], [], [], []
     for selection in selections:  # two passes over each selection's rows: profile, then coverage
@@ -229,31 +354,42 @@ def build_report(
         atomic_write_bytes(out / filename, png)
         return Image(filename=filename, png=png, alt=alt, caption=caption)
 
-    aid_images = [image("aid_comparison.png", plots.aid_comparison_plot(names, aids),
-                        "normalised AID per task for every selection",
-                        "Normalised AID per task, all selections side by side.")]
-    thi_images = [image("thi_comparison.png", plots.thi_comparison_plot(names, thi_task, thi_instance),
-                        "THI share per task for every selection",
-                        "Share of picks per task, instance-wise (top) and task-wise (bottom).")]
-    for name, stem, aid_s, task_s, inst_s in zip(names, stems, aids, thi_task, thi_instance, strict=True):
-        aid_images.append(image(f"aid_{stem}.png", plots.aid_plot(aid_s, f"Normalised AID: {name}"),
-                                f"normalised AID per task: {name}", f"{name}: normalised AID per task."))
-        thi_images.append(image(f"thi_{stem}.png", plots.thi_plot(task_s, inst_s, f"THI: {name}"),
-                                f"THI per task: {name}",
-                                f"{name}: picks per top task (labels: share of all picks)."))
+    several = len(selections) >= 2
+    aid_images = [image("aid_selections.png", plots.aid_panels(names, aids, colors=colors),
+                        "normalised AID per task, one panel per selection",
+                        "One panel per selection, same task order and y axis: the box is the spread of "
+                        "the task's validation examples, each dot one example.")]
+    thi_images = [image("thi_selections.png", plots.thi_panels(names, thi_task, thi_instance, colors=colors),
+                        "THI counts per task, one panel per selection",
+                        "One panel per selection, shared axes: picks whose top validation example "
+                        "(solid) or top task mean (hatched) is in the task.")]
+    if several:
+        aid_images.insert(0, image("aid_comparison.png", plots.aid_comparison_plot(names, aids, colors=colors),
+                                   "normalised AID per task for every selection",
+                                   "Normalised AID per task, all selections side by side."))
+        thi_images.insert(0, image("thi_comparison.png",
+                                   plots.thi_comparison_plot(names, thi_task, thi_instance, colors=colors),
+                                   "THI share per task for every selection",
+                                   "Share of picks per task, instance-wise (top) and task-wise (bottom)."))
     sections = [
         Section("Average Influence Distribution (AID)", AID_CAPTION, aid_images),
         Section("Task frequency with Highest Influence (THI)", THI_CAPTION, thi_images),
         Section("Coverage as the selection grows", COVERAGE_CAPTION,
-                [image("coverage.png", plots.coverage_plot(names, coverages),
-                       "instance-wise THI share per task against the number of picks")]),
+                [image("coverage.png", plots.coverage_plot(names, coverages, colors=colors),
+                       "instance-wise THI share of each task against the number of picks, per selection")]),
     ]
-    if len(selections) >= 2:
+    if several:
         sections.append(
             Section("Overlap between selections", OVERLAP_CAPTION,
                     [image("overlap.png", plots.overlap_plot(names, overlap([s.indices for s in selections])),
                            "Jaccard similarity between the selections")])
         )
+    picks = [
+        PickTable(name=name, color=color, total=len(selection.indices),
+                  rows=first_picks(selection, PICKS_SHOWN, folder),
+                  score_label="gain" if selection.method == "bids" else "score")
+        for name, color, selection, folder in zip(names, hex_colors, selections, folder_list, strict=True)
+    ]
 
     meta = [
         ("matrix", matrix.source or "in memory"),
@@ -261,18 +397,20 @@ def build_report(
         ("kind", matrix.kind or "unknown"),
         ("tasks", f"{len(matrix.task_names)}"),
         ("poise", __version__),
+        ("figures", "embedded in this page" if embed_images else "PNG files beside this page"),
     ]
-    header = ["selection", "method", "budget", "picks", "pool", "of pool", "normalised", "seed", "tasks",
-              "file stem"]
+    header = ["selection", "method", "budget", "picks", "pool", "of pool", "normalised", "seed", "tasks"]
     page = render_page(
         title=title,
         meta=meta,
         selection_header=header,
-        selection_rows=[_selection_row(n, s, sel) for n, s, sel in zip(names, stems, selections, strict=True)],
+        selection_rows=[_selection_row(n, sel) for n, sel in zip(names, selections, strict=True)],
         names=names,
         summary=_rows_from(matrix.task_names, summaries),
         sections=sections,
         embed_images=embed_images,
+        colors=hex_colors,
+        picks=picks,
     )
     path = out / REPORT_FILE
     atomic_write_text(path, page)
@@ -309,7 +447,8 @@ def run_report(config: ReportConfig, console: Any = None) -> Path:
     if not (config.attribution or config.scores):
         config = _matrix_of(selections[0], config)
     matrix = load_matrix(config)
-    path = build_report(matrix, selections, config.out, title=config.title, embed_images=config.embed_images)
+    path = build_report(matrix, selections, config.out, title=config.title, embed_images=config.embed_images,
+                        folders=config.selections)
     if console is not None:
         print_summary(matrix, selections, console=console)
     return path

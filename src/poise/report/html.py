@@ -1,8 +1,11 @@
-"""The report page: one self-contained HTML file (inline CSS, no scripts, fonts or external links).
+"""The report page: one HTML file with inline CSS and no scripts, fonts or external links.
 
-`render_page` only formats what it is given - the numbers are computed by `poise.analysis` and the
-figures drawn by `poise.report.plots`. Every string that comes from the user (title, labels, task
-names, methods, sources) is HTML-escaped here.
+By default the figures are embedded as base64 PNG data URIs, so the page is a single self-contained
+file that opens anywhere; with `embed_images=False` it links the PNG files written beside it instead.
+`render_page` only formats what it is given - the numbers are computed by `poise.analysis`, the
+figures drawn by `poise.report.plots` and the first-picks rows read by `poise.report`. Every string
+that comes from the user or the data (title, labels, task names, methods, sources, ids, example text)
+is HTML-escaped here; colours are checked to be hex codes before they go into a style attribute.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
+import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 AID_CAPTION = (
@@ -28,13 +33,24 @@ THI_CAPTION = (
     "the normalised matrix. A selection that over-serves one task shows one tall bar."
 )
 COVERAGE_CAPTION = (
-    "Coverage follows the instance-wise THI share of each task as the picks are added in pick order; "
-    "the dotted line is an equal share. Curves that stay near it mean every task is served throughout "
-    "the selection; a curve far above it marks a task that the first picks over-serve."
+    "Coverage follows the instance-wise THI share of each task as the picks are added in pick order: "
+    "one panel per task, one line per selection; the dotted line is an equal share. A selection whose "
+    "lines stay near it in every panel serves every task throughout; a line far above it marks a task "
+    "that the selection over-serves, and a line along 0 a task it neglects."
 )
 OVERLAP_CAPTION = (
     "Overlap is the Jaccard similarity |A ∩ B| / |A ∪ B| between the sets of picked rows of two "
     "selections (1 = the same rows, 0 = no row in common)."
+)
+COLOR_NOTE = (
+    "Each selection keeps one colour in every figure (the swatch next to its name in the tables); "
+    "tasks are told apart by position and label, never by colour."
+)
+PICKS_CAPTION = (
+    "The first picks of each selection, in pick order (rank 1 = the first pick; selection.json counts "
+    "from 0): the pool row and its id, the task and validation example the pick served (the one that "
+    "decided it; none for random) and its score - for bids the marginal gain, for the other rules the "
+    "value they rank by. The text, where shown, is the first user message of the picked example, cut short."
 )
 SUMMARY_CAPTION = (
     "Per task and selection: infl. is the mean normalised influence of the picks on the task's "
@@ -62,6 +78,14 @@ tbody tr:nth-child(even):not(.macro) td { background: #fafbfc; }
 figure { margin: 12px 0 22px; background: #fff; border: 1px solid #d5d9e0; padding: 10px; }
 figure img { max-width: 100%; height: auto; display: block; }
 figcaption { color: #5a6272; font-size: 0.88rem; margin-top: 6px; }
+.swatch { display: inline-block; width: 0.8em; height: 0.8em; margin-right: 6px; border-radius: 2px;
+          vertical-align: -0.05em; border: 1px solid rgba(0, 0, 0, 0.3); }
+h3 { font-size: 1.02rem; margin: 18px 0 4px; }
+h3 small { color: #5a6272; font-weight: normal; font-size: 0.85rem; margin-left: 6px; }
+table.picks { font-size: 0.84rem; }
+table.picks th, table.picks td { padding: 2px 8px; }
+table.picks td.left, table.picks th.left { text-align: left; }
+table.picks td.text { text-align: left; color: #3d4555; max-width: 40em; }
 """
 
 
@@ -82,8 +106,40 @@ class Section:
     images: list[Image]
 
 
+@dataclass
+class PickTable:
+    """The first picks of one selection: its name and colour (#rrggbb), how many picks it has in
+    all, one row per pick (`rank`, `row`, `id`, `task`, `column_id`, `score`, `text`; None where
+    unknown) and the header of the score column ("gain" for bids)."""
+
+    name: str
+    color: str
+    total: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    score_label: str = "score"
+
+
+_HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
+DASH = "–"
+
+
 def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
+
+
+def swatch(color: str | None) -> str:
+    """A small square of the selection's colour (nothing for a missing or malformed colour)."""
+    if not color or not _HEX_COLOR.fullmatch(color):
+        return ""
+    return f'<span class="swatch" style="background:{color}"></span>'
+
+
+def png_size(png: bytes) -> tuple[int, int] | None:
+    """(width, height) in pixels from a PNG's IHDR chunk, or None when the bytes are not a PNG."""
+    if len(png) < 24 or png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", png[16:24])
+    return int(width), int(height)
 
 
 def _img_src(image: Image, embed: bool) -> str:
@@ -94,26 +150,82 @@ def _img_src(image: Image, embed: bool) -> str:
 
 def _figure(image: Image, embed: bool) -> str:
     caption = f"<figcaption>{esc(image.caption)}</figcaption>" if image.caption else ""
+    size = png_size(image.png)
+    # width/height let the browser reserve the space before the image is decoded (no layout jumps)
+    dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
+    lazy = "" if embed else ' loading="lazy"'
     return (
-        f'<figure><img src="{esc(_img_src(image, embed))}" alt="{esc(image.alt)}" loading="lazy">'
+        f'<figure><img src="{esc(_img_src(image, embed))}" alt="{esc(image.alt)}"{dims}{lazy}>'
         f"{caption}</figure>"
     )
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], name_columns: int = 1) -> str:
-    """A table whose first `name_columns` columns are left-aligned text; cells are escaped here."""
+def _table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    name_columns: int = 1,
+    colors: Sequence[str | None] | None = None,
+) -> str:
+    """A table whose first `name_columns` columns are left-aligned text; cells are escaped here.
+    `colors` puts a swatch of each row's colour before its first cell."""
     head = "".join(
         f'<th class="name">{esc(h)}</th>' if k < name_columns else f"<th>{esc(h)}</th>"
         for k, h in enumerate(header)
     )
     body = []
-    for row in rows:
+    for r, row in enumerate(rows):
+        mark = swatch(colors[r]) if colors else ""
         cells = "".join(
-            f'<td class="name">{esc(c)}</td>' if k < name_columns else f"<td>{esc(c)}</td>"
+            f'<td class="name">{mark if k == 0 else ""}{esc(c)}</td>' if k < name_columns else f"<td>{esc(c)}</td>"
             for k, c in enumerate(row)
         )
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _or_dash(value: Any) -> str:
+    return DASH if value is None or value == "" else esc(value)
+
+
+def format_score(value: Any) -> str:
+    if value is None:
+        return DASH
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return esc(value)
+    return DASH if math.isnan(number) else f"{number:.4g}"
+
+
+def _picks_table(table: PickTable) -> str:
+    shown = len(table.rows)
+    has_text = any(row.get("text") for row in table.rows)
+    heading = (
+        f"<h3>{swatch(table.color)}{esc(table.name)}"
+        f"<small>first {shown:,} of {table.total:,} picks</small></h3>"
+    )
+    head = (
+        "<th>rank</th><th>row</th><th class=\"left\">id</th><th class=\"left\">task</th>"
+        f"<th class=\"left\">validation example</th><th>{esc(table.score_label)}</th>"
+        + ('<th class="left">example (first user message)</th>' if has_text else "")
+    )
+    body = []
+    for row in table.rows:
+        rank = row.get("rank")
+        cells = (
+            f"<td>{DASH if rank is None else esc(int(rank) + 1)}</td>"
+            f"<td>{_or_dash(row.get('row'))}</td>"
+            f"<td class=\"left\">{_or_dash(row.get('id'))}</td>"
+            f"<td class=\"left\">{_or_dash(row.get('task'))}</td>"
+            f"<td class=\"left\">{_or_dash(row.get('column_id'))}</td>"
+            f"<td>{format_score(row.get('score'))}</td>"
+            + (f'<td class="text">{_or_dash(row.get("text"))}</td>' if has_text else "")
+        )
+        body.append(f"<tr>{cells}</tr>")
+    return (
+        f'{heading}<table class="picks"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
 
 
 def format_ratio(value: float) -> str:
@@ -124,9 +236,10 @@ def format_ratio(value: float) -> str:
     return f"{value:.2f}×"
 
 
-def _summary_table(names: Sequence[str], rows: Sequence[dict]) -> str:
+def _summary_table(names: Sequence[str], rows: Sequence[dict], colors: Sequence[str | None] | None = None) -> str:
+    marks = list(colors) if colors else [None] * len(names)
     top = '<th class="name" rowspan="2">task</th>' + "".join(
-        f'<th colspan="2">{esc(name)}</th>' for name in names
+        f'<th colspan="2">{swatch(color)}{esc(name)}</th>' for name, color in zip(names, marks, strict=True)
     )
     sub = "".join("<th>infl.</th><th>THI</th>" for _ in names)
     body = []
@@ -158,9 +271,12 @@ def render_page(
     names: Sequence[str],
     summary: Sequence[dict],
     sections: Sequence[Section],
-    embed_images: bool = False,
+    embed_images: bool = True,
+    colors: Sequence[str | None] | None = None,
+    picks: Sequence[PickTable] = (),
 ) -> str:
-    """The whole page as a string. `summary` rows come from `poise.report.summary_rows`."""
+    """The whole page as a string. `summary` rows come from `poise.report.summary_rows`; `colors`
+    are the selections' colours (#rrggbb, in `names` order); `picks` are the first-picks tables."""
     meta_html = " · ".join(f"{esc(k)}: {esc(v)}" for k, v in meta)
     parts = [
         "<!DOCTYPE html>",
@@ -170,15 +286,20 @@ def render_page(
         f"<h1>{esc(title)}</h1>",
         f'<p class="meta">{meta_html}</p>',
         "<h2>Selections</h2>",
-        _table(selection_header, selection_rows, name_columns=2),
+        f'<p class="caption">{esc(COLOR_NOTE)}</p>' if colors else "",
+        _table(selection_header, selection_rows, name_columns=2, colors=colors),
         "<h2>Per-task summary</h2>",
         f'<p class="caption">{esc(SUMMARY_CAPTION)}</p>',
-        _summary_table(names, summary),
+        _summary_table(names, summary, colors),
     ]
     for section in sections:
         parts.append(f"<h2>{esc(section.heading)}</h2>")
         if section.caption:
             parts.append(f'<p class="caption">{esc(section.caption)}</p>')
         parts.extend(_figure(image, embed_images) for image in section.images)
+    if picks:
+        parts.append("<h2>First picks</h2>")
+        parts.append(f'<p class="caption">{esc(PICKS_CAPTION)}</p>')
+        parts.extend(_picks_table(table) for table in picks)
     parts.append("</main></body></html>")
     return "\n".join(parts) + "\n"

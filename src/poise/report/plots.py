@@ -1,9 +1,16 @@
 """The report's figures, drawn with matplotlib's object API and returned as PNG bytes.
 
-Every function takes plain data (task names, arrays, counts) and returns the encoded PNG, so the
-caller decides where it goes (a file written atomically, or a data URI). Figures are built with
-`matplotlib.figure.Figure` on the Agg canvas: no pyplot, no global state, nothing left open.
-Layouts adapt to up to ~20 tasks (wider figures, rotated labels, a 20-colour palette).
+Every function takes plain data (names, task names, arrays, counts) and returns the encoded PNG, so
+the caller decides where it goes (a file written atomically, or a data URI); the small multiples also
+come as `*_figure` functions that return the `matplotlib.figure.Figure` itself. Figures are built with
+`Figure` on the Agg canvas: no pyplot, no global state, nothing left open.
+
+Colour means one thing throughout: the selection (method). `method_colors` gives each selection its
+colour once, and every figure takes that mapping, so `bids` is the same colour in every plot. Tasks are
+told apart by position and their x labels (or by panel), never by the method palette; greys are kept
+for references (the equal-share line) and legends that are not about a method. Several selections are
+drawn as small multiples: one figure, one panel per selection, shared axes, the same task order.
+Layouts adapt to up to ~20 tasks (wider panels, rotated labels).
 """
 
 from __future__ import annotations
@@ -13,32 +20,61 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 #: At most this many strip points per task in an AID plot (a deterministic subsample beyond it).
 MAX_STRIP_POINTS = 1500
 DPI = 110
+#: Widest comparison figure (inches): wider ones are shrunk so much on the page that their text is unreadable.
+COMPARISON_WIDTH = 13.0
+#: Reference lines and neutral legend entries (not a method).
+NEUTRAL = "0.35"
+
+Color = tuple[float, float, float, float]
+
+
+# --------------------------------------------------------------------------------------- colours
+def _palette(n: int) -> list[Color]:
+    """n distinguishable saturated colours without greys (greys are kept for references)."""
+    tab10 = colormaps["tab10"]
+    colors = [tab10(k) for k in range(10) if k != 7]  # tab10's grey
+    if n <= len(colors):
+        return colors[:n]
+    tab20 = colormaps["tab20"]
+    colors = [tab20(k) for k in range(20) if k not in (14, 15)]  # tab20's greys
+    if n <= len(colors):
+        return colors[:n]
+    ring = colormaps["hsv"]
+    return [ring(k / n) for k in range(n)]
+
+
+def method_colors(names: Sequence[str]) -> dict[str, Color]:
+    """One colour per selection, by its place in `names` (the report's order), as a name -> RGBA map.
+
+    The same names in the same order always get the same colours; every figure of a report is drawn
+    with one such map, so a method keeps its colour from plot to plot.
+    """
+    unique = list(dict.fromkeys(names))
+    return dict(zip(unique, _palette(len(unique)), strict=True))
+
+
+def _colors_for(names: Sequence[str], colors: Mapping[str, Color] | None) -> list[Color]:
+    mapping = method_colors(names) if colors is None else colors
+    return [to_rgba(mapping[name]) for name in names]
+
+
+def _light(color: Color, amount: float = 0.35) -> Color:
+    """The colour blended towards white: box fills behind the strip points."""
+    r, g, b, _ = to_rgba(color)
+    return (1 - amount + amount * r, 1 - amount + amount * g, 1 - amount + amount * b, 1.0)
 
 
 # --------------------------------------------------------------------------------------- helpers
-def task_colors(n: int) -> list[tuple[float, float, float, float]]:
-    """n distinguishable colours: tab10 up to 10, tab20 up to 20, then an evenly spaced hue ring."""
-    if n <= 10:
-        cmap = colormaps["tab10"]
-        return [cmap(k) for k in range(n)]
-    if n <= 20:
-        cmap = colormaps["tab20"]
-        return [cmap(k) for k in range(n)]
-    cmap = colormaps["hsv"]
-    return [cmap(k / n) for k in range(n)]
-
-
-def selection_colors(n: int) -> list[tuple[float, float, float, float]]:
-    cmap = colormaps["Set2" if n <= 8 else "tab20"]
-    return [cmap(k % cmap.N) for k in range(n)]
-
-
 def _to_png(fig: Figure) -> bytes:
+    """The figure drawn as PNG bytes (then cleared)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     fig.clear()
@@ -49,12 +85,17 @@ def _width_for(n_groups: int, per_group: float = 0.75, minimum: float = 6.5, max
     return float(min(maximum, max(minimum, 1.8 + per_group * n_groups)))
 
 
-def _set_task_ticks(ax, tasks: Sequence[str]) -> None:
+def _rotate(tasks: Sequence[str], crowded: int = 7) -> bool:
+    return len(tasks) > crowded or max((len(t) for t in tasks), default=0) > 10
+
+
+def _set_task_ticks(ax, tasks: Sequence[str], rotate: bool | None = None, labels: bool = True) -> None:
+    """Task names under the x positions 0..K-1 (or no labels, for a panel with another below it)."""
     ax.set_xticks(np.arange(len(tasks)))
-    longest = max((len(t) for t in tasks), default=0)
-    if len(tasks) > 7 or longest > 10:
+    ax.tick_params(labelbottom=labels)  # shared axes hide inner labels; a panel above a spare cell needs them
+    if labels and (_rotate(tasks) if rotate is None else rotate):
         ax.set_xticklabels(tasks, rotation=35, ha="right", rotation_mode="anchor")
-    else:
+    elif labels:
         ax.set_xticklabels(tasks)
     ax.set_xlim(-0.6, len(tasks) - 0.4)
 
@@ -66,50 +107,109 @@ def _subsample(values: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return values[np.sort(rng.choice(values.size, size=limit, replace=False))]
 
 
+def _grid(fig: Figure, n: int, cols: int, **share) -> list:
+    """An n-panel grid of `cols` columns, row by row; the spare cells of the last row are hidden."""
+    rows = -(-n // cols)
+    axes = list(np.asarray(fig.subplots(rows, cols, squeeze=False, **share)).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return axes
+
+
+def _grid_columns(n: int, n_tasks: int) -> int:
+    """Panels per row: up to 4 (3 when the tasks need wide panels), fewer for few selections."""
+    most = 4 if n_tasks <= 10 else 3 if n_tasks <= 16 else 2
+    return max(1, min(n, most))
+
+
+def _panel_size(n: int, n_tasks: int, cols: int) -> tuple[float, float]:
+    """(width, height) in inches of one small-multiple panel; a lone panel gets a full-size figure."""
+    if n == 1:
+        return _width_for(n_tasks), 3.8
+    return min(max(2.7, 0.42 * n_tasks + 0.6), 17.4 / cols), 2.5
+
+
+def _is_bottom(k: int, n: int, cols: int) -> bool:
+    """Whether panel k of n has no visible panel below it (so it carries the x labels)."""
+    return k + cols >= n
+
+
 # ------------------------------------------------------------------------------------------ AID
-def aid_plot(per_task: Mapping[str, np.ndarray], title: str, normalized: bool = True) -> bytes:
-    """Box plot of the AID per task with the individual validation examples as a jittered strip."""
-    tasks = list(per_task)
-    colors = task_colors(len(tasks))
-    fig = Figure(figsize=(_width_for(len(tasks)), 4.6), layout="constrained")
-    ax = fig.add_subplot()
-    data = [np.asarray(per_task[t], dtype=np.float64) for t in tasks]
+def _aid_boxes(ax, data: Sequence[np.ndarray], color: Color, widths: float, point_size: float) -> None:
     boxes = ax.boxplot(
         data,
-        positions=np.arange(len(tasks)),
-        widths=0.55,
+        positions=np.arange(len(data)),
+        widths=widths,
         showfliers=False,
         patch_artist=True,
-        medianprops={"color": "black", "linewidth": 1.4},
+        medianprops={"color": "black", "linewidth": 1.3},
+        whiskerprops={"color": "0.3"},
+        capprops={"color": "0.3"},
     )
-    for patch, color in zip(boxes["boxes"], colors, strict=True):
-        patch.set_facecolor((*color[:3], 0.25))
-        patch.set_edgecolor(color)
-    total = sum(d.size for d in data)
-    size = 14 if total <= 500 else 8 if total <= 3000 else 4
-    for k, (values, color) in enumerate(zip(data, colors, strict=True)):
+    for patch in boxes["boxes"]:
+        patch.set_facecolor(_light(color))
+        patch.set_edgecolor("0.3")
+    for k, values in enumerate(data):
         shown = _subsample(values, MAX_STRIP_POINTS, seed=k)
-        jitter = np.random.default_rng(1000 + k).uniform(-0.2, 0.2, size=shown.size)
-        ax.scatter(k + jitter, shown, s=size, color=color, alpha=0.75, linewidths=0, zorder=3)
-    ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--", zorder=1)
-    _set_task_ticks(ax, tasks)
-    ax.set_ylabel("average influence" + (" (normalised)" if normalized else " (raw)"))
-    ax.set_title(title)
+        jitter = np.random.default_rng(1000 + k).uniform(-widths / 3, widths / 3, size=shown.size)
+        ax.scatter(k + jitter, shown, s=point_size, color=color, alpha=0.8, linewidths=0, zorder=3)
+    ax.axhline(0.0, color=NEUTRAL, linewidth=0.8, linestyle="--", zorder=1)
     ax.grid(axis="y", alpha=0.3)
-    return _to_png(fig)
+
+
+def aid_panels(
+    names: Sequence[str],
+    per_task: Sequence[Mapping[str, np.ndarray]],
+    normalized: bool = True,
+    colors: Mapping[str, Color] | None = None,
+) -> bytes:
+    """`aid_panels_figure` as PNG bytes."""
+    return _to_png(aid_panels_figure(names, per_task, normalized, colors))
+
+
+def aid_panels_figure(
+    names: Sequence[str],
+    per_task: Sequence[Mapping[str, np.ndarray]],
+    normalized: bool = True,
+    colors: Mapping[str, Color] | None = None,
+) -> Figure:
+    """Small multiples of the AID: one panel per selection (its colour), a shared y axis and the same
+    task order; in each, a box per task with its validation examples as a jittered strip."""
+    tasks = list(per_task[0])
+    n = len(names)
+    cols = _grid_columns(n, len(tasks))
+    rotate = _rotate(tasks, crowded=4)
+    panel_w, panel_h = _panel_size(n, len(tasks), cols)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(panel_w * cols + 0.6, panel_h * rows + (1.0 if rotate else 0.6)), layout="constrained")
+    axes = _grid(fig, n, cols, sharex=True, sharey=True)
+    total = sum(np.asarray(per_task[0][t]).size for t in tasks)
+    size = 10 if total <= 500 else 6 if total <= 3000 else 3
+    for k, (ax, name, aid_s, color) in enumerate(zip(axes, names, per_task, _colors_for(names, colors),
+                                                      strict=False)):
+        _aid_boxes(ax, [np.asarray(aid_s[t], dtype=np.float64) for t in tasks], color, 0.6, size)
+        _set_task_ticks(ax, tasks, rotate=rotate, labels=_is_bottom(k, n, cols))
+        ax.set_title(name, fontsize="medium")
+        if k % cols == 0:
+            ax.set_ylabel("average influence" + (" (norm.)" if normalized else " (raw)"))
+    fig.suptitle("AID per task" + (", one panel per selection" if n > 1 else "") + " (dots: validation examples)")
+    return fig
 
 
 def aid_comparison_plot(
-    names: Sequence[str], per_task: Sequence[Mapping[str, np.ndarray]], normalized: bool = True
+    names: Sequence[str],
+    per_task: Sequence[Mapping[str, np.ndarray]],
+    normalized: bool = True,
+    colors: Mapping[str, Color] | None = None,
 ) -> bytes:
     """Side-by-side AID boxes per task, one colour per selection (the paper's Fig. 4)."""
     tasks = list(per_task[0])
     n_sel = len(names)
-    colors = selection_colors(n_sel)
-    fig = Figure(figsize=(_width_for(len(tasks), per_group=0.45 + 0.3 * n_sel), 4.8), layout="constrained")
+    fig = Figure(figsize=(_width_for(len(tasks), per_group=0.45 + 0.3 * n_sel, maximum=COMPARISON_WIDTH), 4.6),
+                 layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / n_sel
-    for s, (aid_s, color) in enumerate(zip(per_task, colors, strict=True)):
+    for s, (aid_s, color) in enumerate(zip(per_task, _colors_for(names, colors), strict=True)):
         positions = np.arange(len(tasks)) - 0.4 + width * (s + 0.5)
         boxes = ax.boxplot(
             [np.asarray(aid_s[t], dtype=np.float64) for t in tasks],
@@ -117,13 +217,16 @@ def aid_comparison_plot(
             widths=width * 0.85,
             showfliers=False,
             patch_artist=True,
-            medianprops={"color": "black", "linewidth": 1.2},
+            medianprops={"color": "0.2", "linewidth": 0.8},
         )
         for patch in boxes["boxes"]:
             patch.set_facecolor(color)
             patch.set_edgecolor("0.25")
         boxes["boxes"][0].set_label(names[s])
-    ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--", zorder=1)
+        # the median as a marker in the selection's colour: visible even where a box is flat
+        medians = [float(np.median(np.asarray(aid_s[t], dtype=np.float64))) for t in tasks]
+        ax.scatter(positions, medians, s=22, marker="D", color=color, edgecolors="0.2", linewidths=0.6, zorder=4)
+    ax.axhline(0.0, color=NEUTRAL, linewidth=0.8, linestyle="--", zorder=1)
     _set_task_ticks(ax, tasks)
     ax.set_ylabel("average influence" + (" (normalised)" if normalized else " (raw)"))
     ax.set_title("AID per task, by selection")
@@ -133,49 +236,83 @@ def aid_comparison_plot(
 
 
 # ------------------------------------------------------------------------------------------ THI
-def thi_plot(task_wise: Mapping[str, int], instance_wise: Mapping[str, int], title: str) -> bytes:
-    """Grouped bars per task: how many picks have it as their top task, task-wise and instance-wise."""
-    tasks = list(instance_wise)
-    n = max(1, sum(instance_wise.values()))
-    fig = Figure(figsize=(_width_for(len(tasks)), 4.6), layout="constrained")
-    ax = fig.add_subplot()
+def thi_panels(
+    names: Sequence[str],
+    task_wise: Sequence[Mapping[str, int]],
+    instance_wise: Sequence[Mapping[str, int]],
+    colors: Mapping[str, Color] | None = None,
+) -> bytes:
+    """`thi_panels_figure` as PNG bytes."""
+    return _to_png(thi_panels_figure(names, task_wise, instance_wise, colors))
+
+
+def thi_panels_figure(
+    names: Sequence[str],
+    task_wise: Sequence[Mapping[str, int]],
+    instance_wise: Sequence[Mapping[str, int]],
+    colors: Mapping[str, Color] | None = None,
+) -> Figure:
+    """Small multiples of the THI counts: one panel per selection (its colour), shared axes, the same
+    task order; per task a solid bar (instance-wise) and a hatched bar (task-wise). The dotted line
+    is an equal share of the selection's picks."""
+    tasks = list(instance_wise[0])
+    n = len(names)
+    cols = _grid_columns(n, len(tasks))
+    rotate = _rotate(tasks, crowded=4)
+    panel_w, panel_h = _panel_size(n, len(tasks), cols)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(panel_w * cols + 0.6, panel_h * rows + (1.2 if rotate else 0.8)), layout="constrained")
+    axes = _grid(fig, n, cols, sharex=True, sharey=True)
     x = np.arange(len(tasks))
-    series = (("task-wise (mean over the task)", task_wise, "#4c72b0"),
-              ("instance-wise (top example)", instance_wise, "#dd8452"))
-    for s, (label, counts, color) in enumerate(series):
-        heights = np.array([counts[t] for t in tasks], dtype=np.float64)
-        bars = ax.bar(x - 0.2 + 0.4 * s, heights, width=0.4, color=color, label=label)
-        if len(tasks) <= 10:
-            ax.bar_label(bars, labels=[f"{h / n:.0%}" for h in heights], fontsize="x-small", padding=1)
-    _set_task_ticks(ax, tasks)
-    ax.set_ylabel(f"number of picks (of {n})")
-    ax.set_title(title)
-    ax.margins(y=0.12)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="best", frameon=False, fontsize="small")
-    return _to_png(fig)
+    top = 0
+    for k, (ax, name, t_counts, i_counts, color) in enumerate(
+        zip(axes, names, task_wise, instance_wise, _colors_for(names, colors), strict=False)
+    ):
+        inst = np.array([i_counts[t] for t in tasks])
+        task = np.array([t_counts[t] for t in tasks])
+        top = max(top, int(inst.max(initial=0)), int(task.max(initial=0)))
+        ax.bar(x - 0.2, inst, width=0.4, color=color, edgecolor="0.25", linewidth=0.5)
+        ax.bar(x + 0.2, task, width=0.4, facecolor="white", edgecolor=color, hatch="////", linewidth=1.0)
+        ax.axhline(sum(i_counts.values()) / len(tasks), color=NEUTRAL, linewidth=0.9, linestyle=":")
+        _set_task_ticks(ax, tasks, rotate=rotate, labels=_is_bottom(k, n, cols))
+        ax.set_title(name, fontsize="medium")
+        ax.grid(axis="y", alpha=0.3)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if k % cols == 0:
+            ax.set_ylabel("number of picks")
+    axes[0].set_ylim(0, max(1, top) * 1.08)
+    legend = [
+        Patch(facecolor=NEUTRAL, edgecolor="0.25", label="instance-wise (top validation example)"),
+        Patch(facecolor="white", edgecolor=NEUTRAL, hatch="////", label="task-wise (top task mean)"),
+    ]
+    fig.legend(handles=legend, loc="outside lower center", ncols=2, frameon=False, fontsize="small")
+    fig.suptitle("THI: picks per top task" + (", one panel per selection" if n > 1 else "") + " (dotted: equal share)")
+    return fig
 
 
 def thi_comparison_plot(
-    names: Sequence[str], task_wise: Sequence[Mapping[str, int]], instance_wise: Sequence[Mapping[str, int]]
+    names: Sequence[str],
+    task_wise: Sequence[Mapping[str, int]],
+    instance_wise: Sequence[Mapping[str, int]],
+    colors: Mapping[str, Color] | None = None,
 ) -> bytes:
     """THI share per task for every selection (the paper's Fig. 3): instance-wise above, task-wise below."""
     tasks = list(instance_wise[0])
     n_sel = len(names)
-    colors = selection_colors(n_sel)
     width = 0.8 / n_sel
     fig = Figure(
-        figsize=(_width_for(len(tasks), per_group=0.4 + 0.25 * n_sel), 7.2), layout="constrained"
+        figsize=(_width_for(len(tasks), per_group=0.4 + 0.25 * n_sel, maximum=COMPARISON_WIDTH), 6.0),
+        layout="constrained",
     )
-    axes = fig.subplots(2, 1, sharex=True)
+    axes = fig.subplots(2, 1, sharex=True, sharey=True)
     panels = (("instance-wise THI", instance_wise), ("task-wise THI", task_wise))
     for ax, (panel, counts_list) in zip(axes, panels, strict=True):
-        for s, (counts, color) in enumerate(zip(counts_list, colors, strict=True)):
+        for s, (counts, color) in enumerate(zip(counts_list, _colors_for(names, colors), strict=True)):
             total = max(1, sum(counts.values()))
             shares = np.array([counts[t] / total for t in tasks])
             ax.bar(np.arange(len(tasks)) - 0.4 + width * (s + 0.5), 100 * shares, width=width,
                    color=color, edgecolor="0.25", linewidth=0.4, label=names[s])
-        ax.axhline(100 / len(tasks), color="0.4", linewidth=0.8, linestyle=":", label="equal share")
+        ax.axhline(100 / len(tasks), color=NEUTRAL, linewidth=0.9, linestyle=":", label="equal share")
         ax.set_ylabel("share of picks (%)")
         ax.set_title(panel)
         ax.grid(axis="y", alpha=0.3)
@@ -185,44 +322,68 @@ def thi_comparison_plot(
 
 
 # ------------------------------------------------------------------------------------- coverage
-def coverage_plot(names: Sequence[str], coverages: Sequence[Mapping]) -> bytes:
-    """One panel per selection: instance-wise THI share of every task against the number of picks."""
+def coverage_limits(top: float) -> tuple[float, float]:
+    """y limits (in %) for shares up to `top` %: headroom on both sides, so lines at 0 % and at the
+    top (100 % included) are drawn inside the frame rather than on it."""
+    high = max(float(top), 1.0)
+    pad = max(2.0, 0.06 * high)
+    return -pad, high + pad
+
+
+def coverage_plot(
+    names: Sequence[str], coverages: Sequence[Mapping], colors: Mapping[str, Color] | None = None
+) -> bytes:
+    """`coverage_figure` as PNG bytes."""
+    return _to_png(coverage_figure(names, coverages, colors))
+
+
+def coverage_figure(
+    names: Sequence[str], coverages: Sequence[Mapping], colors: Mapping[str, Color] | None = None
+) -> Figure:
+    """One panel per task (shared axes): the task's instance-wise THI share against the number of
+    picks, one line per selection in its colour; the dotted line is an equal share."""
     tasks = list(coverages[0]["thi_share"])
-    colors = task_colors(len(tasks))
-    n_sel = len(names)
-    cols = min(3, n_sel)
-    rows = -(-n_sel // cols)
-    fig = Figure(figsize=(4.4 * cols + 1.8, 3.4 * rows + 0.4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols, sharey=True, squeeze=False)).ravel()
+    n_tasks = len(tasks)
+    cols = max(1, min(n_tasks, 4))
+    rows = -(-n_tasks // cols)
+    spare = rows * cols - n_tasks
+    fig = Figure(figsize=(3.1 * cols + (0.2 if spare else 2.2), 2.35 * rows + 0.5), layout="constrained")
+    axes = _grid(fig, n_tasks, cols, sharex=True, sharey=True)
     top = 0.0
-    for ax, name, cov in zip(axes, names, coverages, strict=False):
-        sizes = np.asarray(cov["sizes"])
-        for task, color in zip(tasks, colors, strict=True):
-            share = 100 * np.asarray(cov["thi_share"][task])
+    for k, (ax, task) in enumerate(zip(axes, tasks, strict=False)):
+        for name, cov, color in zip(names, coverages, _colors_for(names, colors), strict=True):
+            share = 100 * np.asarray(cov["thi_share"][task], dtype=np.float64)
             top = max(top, float(share.max(initial=0.0)))
-            ax.plot(sizes, share, color=color, linewidth=1.5, label=task)
-        ax.axhline(100 / len(tasks), color="0.4", linewidth=0.8, linestyle=":")
-        ax.set_title(name, fontsize="medium")
-        ax.set_xlabel("number of picks")
+            ax.plot(np.asarray(cov["sizes"]), share, color=color, linewidth=1.6, label=name)
+        ax.axhline(100 / n_tasks, color=NEUTRAL, linewidth=0.9, linestyle=":")
+        ax.set_title(task, fontsize="medium")
         ax.grid(alpha=0.3)
-        ax.set_xlim(left=0)
-    for ax in axes[n_sel:]:
-        ax.set_visible(False)
-    for ax in axes[::cols]:
-        ax.set_ylabel("THI share (%)")
-    axes[0].set_ylim(0, min(100.0, top * 1.08 + 1))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+        ax.tick_params(labelbottom=_is_bottom(k, n_tasks, cols))
+        if _is_bottom(k, n_tasks, cols):
+            ax.set_xlabel("number of picks")
+        if k % cols == 0:
+            ax.set_ylabel("THI share (%)")
+    axes[0].set_xlim(left=0)
+    axes[0].set_ylim(*coverage_limits(top))
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", frameon=False, fontsize="small",
-               ncols=1 if len(tasks) <= 12 else 2)
-    fig.suptitle("Instance-wise THI share per task as the selection grows")
-    return _to_png(fig)
+    if spare:  # the legend fills the first spare cell of the grid
+        holder = axes[n_tasks]
+        holder.set_visible(True)
+        holder.axis("off")
+        holder.legend(handles, labels, loc="center", frameon=False, fontsize="small",
+                      ncols=1 if len(names) <= 10 else 2)
+    else:
+        fig.legend(handles, labels, loc="outside right upper", frameon=False, fontsize="small")
+    fig.suptitle("Instance-wise THI share of each task as the selection grows (dotted: equal share)")
+    return fig
 
 
 # -------------------------------------------------------------------------------------- overlap
 def overlap_plot(names: Sequence[str], similarity: np.ndarray) -> bytes:
     """Heatmap of the pairwise Jaccard similarity between selections, with the values written in."""
     n = len(names)
-    side = min(12.0, max(4.5, 1.1 * n + 2.5))
+    side = min(9.0, max(4.0, 0.5 * n + 2.8))
     fig = Figure(figsize=(side + 1.0, side), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(similarity, vmin=0.0, vmax=1.0, cmap="viridis")
