@@ -185,7 +185,8 @@ def test_report_command_uses_the_matrix_recorded_in_the_selection(small_files, t
     assert f"report: {tmp_path / 'report' / 'report.html'}" in stdout
     assert "THI share" in stdout and "code" in stdout
     html = (tmp_path / "report" / "report.html").read_text()
-    assert 'src="aid_bids.png"' in html and 'src="thi_task-max.png"' in html
+    assert 'src="data:image/png;base64,' in html  # one self-contained page
+    assert (tmp_path / "report" / "aid_selections.png").is_file()
 
 
 def test_report_command_errors_are_one_line(small_files, tmp_path, capsys) -> None:

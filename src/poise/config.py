@@ -97,10 +97,11 @@ class DataConfig:
 class FeaturesConfig(DataConfig):
     """`poise features`: per-example LoRA gradient features (or RDS representations) of a data set."""
 
-    data: list[str] = _f([], "data files or folders (JSONL, JSON, parquet, datasets folder)", required=True)
+    data: list[str] = _f([], "data files or folders (JSONL, JSON, parquet, datasets folder) or a hub data set "
+                         "org/name[@config][:split]", required=True)
     out: str | None = _f(None, "output folder (features.npy, ids.jsonl, info.json)", required=True)
     checkpoint: str | None = _f(None, "a poise checkpoint folder, or any peft adapter folder for sgd/reps")
-    model: str | None = _f(None, "base model: folder, hub id in the local cache, .gguf file or smollm2-135m "
+    model: str | None = _f(None, "base model: folder, hub id (downloaded once, cached), .gguf file or smollm2-135m "
                            "(default: the one the checkpoint names)")
     kind: str = _f("adam", "adam (training examples), sgd (validation examples) or reps (RDS)",
                    choices=FEATURE_KINDS)
@@ -228,8 +229,9 @@ def dump_yaml(config: Any) -> str:
 class WarmupConfig(DataConfig):
     """`poise warmup`: LoRA warmup training on a random part of the pool (LESS defaults), a checkpoint per epoch."""
 
-    data: list[str] = _f([], "the pool: data files or folders (JSONL, JSON, parquet, datasets folder)", required=True)
-    model: str | None = _f(None, "base model: folder, hub id in the local cache, .gguf file or smollm2-135m",
+    data: list[str] = _f([], "the pool: data files or folders (JSONL, JSON, parquet, datasets folder) or a hub "
+                         "data set org/name[@config][:split]", required=True)
+    model: str | None = _f(None, "base model: folder, hub id (downloaded once, cached), .gguf file or smollm2-135m",
                            required=True)
     out: str | None = _f(None, "run folder (checkpoint-<epoch>/ per epoch, arguments.json)", required=True)
     fraction: float = _f(0.05, "train on this random fraction of the pool (seeded)")

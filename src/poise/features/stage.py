@@ -106,7 +106,7 @@ def run_features(config: FeaturesConfig) -> Path:
         "kind": config.kind,
         "model": model_name,
         "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
-        "data": [str(Path(p).resolve()) for p in config.data],
+        "data": [str(Path(p).resolve()) if Path(p).exists() else p for p in config.data],  # a path, or a hub id
         "ids": _ids_digest(ids),
         "max_seq_length": config.max_seq_length,
         "template": config.template,
