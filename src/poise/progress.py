@@ -59,6 +59,8 @@ class Tracker:
         if self.tokens:
             return f"{self.tokens / elapsed:,.0f} tokens/s"
         per_second = (self.done - self._start_done) / elapsed
+        if per_second >= 100:
+            return f"{per_second:,.0f} {self.unit}/s"
         if per_second >= 0.1:
             return f"{per_second:.2f} {self.unit}/s"
         return f"{1 / per_second:.1f} s per {self.unit.removesuffix('s')}"
