@@ -217,7 +217,7 @@ def test_misspelled_command_suggests_the_closest_one(capsys) -> None:
 
 def test_every_missing_required_flag_is_named_in_one_line(capsys) -> None:
     code, _, err = run(["warmup"], capsys)
-    assert_one_error_line(code, err, "--data, --model, --out are required")
+    assert_one_error_line(code, err, "--model, --data, --out are required")
 
 
 def test_help_lists_required_flags_apart(capsys) -> None:

@@ -140,7 +140,7 @@ def test_warmup_writes_the_checkpoint_layout(setup):
     assert ids == [f"ex{i}" for i in subset_indices(40, 24, 3)]
 
 
-def test_warmup_is_deterministic_and_resumes_exactly_from_the_stored_moments(setup):
+def test_warmup_is_deterministic(setup):
     first = Path(setup["config"].out)
     second = setup["root"] / "run-b"
     config = dataclasses.replace(setup["config"], out=str(second))
@@ -150,14 +150,7 @@ def test_warmup_is_deterministic_and_resumes_exactly_from_the_stored_moments(set
             tensors_equal(first / f"checkpoint-{k}" / name, second / f"checkpoint-{k}" / name)
         assert (first / f"checkpoint-{k}" / CHECKPOINT_FILE).read_text() == \
             (second / f"checkpoint-{k}" / CHECKPOINT_FILE).read_text()
-    # interrupted after epoch 1: the rerun resumes from checkpoint-1 and ends where the uninterrupted run did
-    shutil.rmtree(second / "checkpoint-2")
-    before = (second / "checkpoint-1" / MOMENTS_FILE).stat().st_mtime_ns
-    run_warmup(config)
-    assert (second / "checkpoint-1" / MOMENTS_FILE).stat().st_mtime_ns == before  # not redone
-    for name in (ADAPTER_WEIGHTS, MOMENTS_FILE):
-        tensors_equal(first / "checkpoint-2" / name, second / "checkpoint-2" / name)
-        assert (first / "checkpoint-2" / name).read_bytes() == (second / "checkpoint-2" / name).read_bytes()
+    assert not (second / "trainer").exists()  # the Trainer's resume state is removed once training is complete
     # complete: a rerun changes nothing
     before = (second / "checkpoint-2" / MOMENTS_FILE).stat().st_mtime_ns
     assert run_warmup(config) == [second / "checkpoint-1", second / "checkpoint-2"]
@@ -196,7 +189,7 @@ def test_warmup_bad_settings_are_one_line_errors(setup):
 def no_dropout(setup) -> tuple[WarmupConfig, list[Path]]:
     """A warmup without dropout (so a reference can reproduce it), micro-batched by a small token budget."""
     config = dataclasses.replace(setup["config"], out=str(setup["root"] / "run-ref"), lora_dropout=0.0,
-                                 max_tokens=40, warmup_ratio=0.2)
+                                 max_batch_size=2, warmup_ratio=0.2, max_grad_norm=0.0)
     return config, run_warmup(config)
 
 
@@ -479,3 +472,120 @@ def test_rerun_of_a_complete_warmup_says_so(setup, capfd):
     run_warmup(setup["config"])
     assert "is already complete (2 checkpoints); nothing to do" in capfd.readouterr().err
 
+
+
+def test_warmup_killed_after_an_epoch_resumes_and_ends_as_an_uninterrupted_run(setup, tmp_path):
+    """SIGKILL right after epoch 1's checkpoints; the same command again resumes from the Trainer's checkpoint."""
+    script = tmp_path / "warmup.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    config = dataclasses.replace(setup["config"], out=str(tmp_path / "killed"))
+    argv = [sys.executable, str(script), json.dumps(dataclasses.asdict(config))]
+    killed = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300,
+                            env={**os.environ, "POISE_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    out = Path(config.out)
+    assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
+    before = (out / "checkpoint-1" / MOMENTS_FILE).stat().st_mtime_ns
+    resumed = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "warmup: resuming at step 4 of 6" in resumed.stderr
+    assert (out / "checkpoint-1" / MOMENTS_FILE).stat().st_mtime_ns == before  # epoch 1 not redone
+    first = Path(setup["config"].out)
+    for name in (ADAPTER_WEIGHTS, MOMENTS_FILE):
+        assert (first / "checkpoint-2" / name).read_bytes() == (out / "checkpoint-2" / name).read_bytes()
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # one log line per step, none repeated by the resume
+
+
+# ------------------------------------------------------------------------------ train on a selection
+def _train_argv(setup, out: Path, selection: Path, *extra: str) -> list[str]:
+    return ["train", "--selection", str(selection), "--model", str(setup["model"]), "--out", str(out),
+            "--batch-size", "4", "--max-batch-size", "2", "--epochs", "2", "--lora-r", "4", "--lora-alpha", "16",
+            "--lr", "1e-3", "--lora-dropout", "0", "--seed", "5", *extra]
+
+
+def _mean_loss(model, tokenizer, items) -> float:
+    from poise.data import collate
+    from poise.losses import per_example_losses
+
+    with torch.no_grad():
+        batch = collate(items, tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+        return float(per_example_losses(logits, batch["labels"]).mean())
+
+
+@pytest.fixture(scope="module")
+def selection(setup) -> Path:
+    """A selection-like JSONL of 12 pool examples."""
+    return write_jsonl(setup["root"] / "selected.jsonl", [conversation(i) for i in range(12)])
+
+
+def test_train_writes_a_peft_adapter_whose_loss_is_below_the_base_models(setup, selection, tmp_path, capsys):
+    from peft import PeftModel
+
+    from poise.cli import main
+    from poise.data import read_examples, tokenize_examples
+    from poise.model import load_model, load_tokenizer
+
+    out = tmp_path / "trained"
+    assert main(_train_argv(setup, out, selection, "--lr", "1e-2")) == 0
+    printed = capsys.readouterr().out
+    assert "train: 12 examples, 6 steps; loss " in printed and "PeftModel.from_pretrained" in printed
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3, 4, 5, 6] and all(row["lr"] > 0 for row in log)
+    assert json.loads((out / "arguments.json").read_text())["settings"]["lr_scheduler"] == "cosine"
+    assert not (out / "trainer").exists()
+    tokenizer = load_tokenizer(str(setup["model"]))
+    _, items, _ = tokenize_examples(read_examples(selection), tokenizer, 2048, progress=False)
+    base = _mean_loss(load_model(str(setup["model"])), tokenizer, items)
+    trained = _mean_loss(PeftModel.from_pretrained(load_model(str(setup["model"])), str(out)).eval(), tokenizer, items)
+    assert trained < base - 0.1, (trained, base)
+    # the same command again: complete, nothing redone
+    assert main(_train_argv(setup, out, selection, "--lr", "1e-2")) == 0
+    assert "is already complete" in capsys.readouterr().err
+
+
+def test_train_killed_after_its_first_epoch_resumes_and_matches_an_uninterrupted_run(setup, selection, tmp_path):
+    argv = [sys.executable, "-m", "poise"]
+    whole = subprocess.run(argv + _train_argv(setup, tmp_path / "whole", selection), capture_output=True, text=True,
+                           check=False, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = subprocess.run(argv + _train_argv(setup, tmp_path / "resumed", selection), capture_output=True,
+                            text=True, check=False, timeout=300, env={**os.environ, "POISE_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode == -9
+    resumed = subprocess.run(argv + _train_argv(setup, tmp_path / "resumed", selection), capture_output=True,
+                             text=True, check=False, timeout=300)
+    assert resumed.returncode == 0 and "train: resuming at step 4 of 6" in resumed.stderr, resumed.stderr[-2000:]
+    # the Trainer restores the optimizer, scheduler, data order and RNG states: the same bits
+    assert (tmp_path / "whole" / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / "resumed" / ADAPTER_WEIGHTS).read_bytes()
+
+
+def test_two_rank_torchrun_train_ends_with_the_one_process_adapter(setup, selection, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "poise", *_train_argv(setup, tmp_path / "one", selection)],
+                         capture_output=True, text=True, check=False, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "poise", *_train_argv(setup, tmp_path / "two", selection)],
+                         capture_output=True, text=True, check=False, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    config = dataclasses.replace(setup["config"], batch_size=4)
+    lr_sum = sum(json.loads(line)["lr"] for line in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines())
+    expected, actual = load_file(str(tmp_path / "one" / ADAPTER_WEIGHTS)), load_file(str(tmp_path / "two" /
+                                                                                          ADAPTER_WEIGHTS))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        close_after_adam(actual[key], expected[key], step_tolerance(config), lr_sum)
+
+
+def test_train_bad_selections_are_one_line_errors(setup, tmp_path, capsys):
+    from poise.cli import main
+
+    folder = tmp_path / "sel"
+    folder.mkdir()
+    (folder / "selection.json").write_text(json.dumps({"indices": [0, 1]}))
+    assert main(_train_argv(setup, tmp_path / "o", folder)) == 2
+    err = capsys.readouterr().err
+    assert "no selected.jsonl; pass --pool" in err and len(err.strip().splitlines()) == 1
+    assert main(_train_argv(setup, tmp_path / "o", folder, "--pool", str(setup["pool"]))) == 0

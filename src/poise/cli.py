@@ -14,6 +14,7 @@ import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 from poise import __version__
@@ -24,6 +25,7 @@ from poise.config import (
     ImportConfig,
     ReportConfig,
     SelectConfig,
+    TrainConfig,
     WarmupConfig,
     base_type,
     field_types,
@@ -48,6 +50,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if f.metadata.get("yaml_only"):
+            continue
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=help_text)
             continue
@@ -125,6 +129,23 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
         print(f"warmup: {len(checkpoints)} checkpoint(s) in {config.out} ({seconds:.1f}s, "
               f"{human_size(disk_size(config.out))} on disk)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from poise.train import SUMMARY_FILE, run_train
+
+    config = build_config(TrainConfig, args, "train")
+    out, seconds, main = _run_under_torchrun(run_train, config)
+    if main:
+        from poise.io import disk_size, human_size, read_json
+
+        summary = read_json(Path(out) / SUMMARY_FILE)
+        first, final, mean = summary.get("first_loss"), summary.get("final_loss"), summary.get("last_epoch_mean_loss")
+        losses = "" if final is None else (f"loss {first:.4f} at the first step, {final:.4f} at the last, "
+                                            f"{mean:.4f} mean over the last epoch; ")
+        print(f"train: {summary['examples']} examples, {summary['steps']} steps; {losses}adapter in {out} "
+              f"({seconds:.1f}s, {human_size(disk_size(out))} on disk; PeftModel.from_pretrained(base, '{out}'))")
     return 0
 
 
@@ -206,6 +227,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], int], str]] = {
     "warmup": (WarmupConfig, cmd_warmup, "LoRA warmup training with per-epoch checkpoints (adapter + Adam moments)"),
+    "train": (TrainConfig, cmd_train, "LoRA fine-tuning on a selection (BIDS defaults: 2 epochs, cosine, lr 2e-5)"),
     "import-checkpoint": (ImportConfig, cmd_import_checkpoint,
                           "convert an HF-Trainer checkpoint (optimizer.pt / FSDP optimizer.bin) to a poise one"),
     "features": (FeaturesConfig, cmd_features, "per-example LoRA gradient features (or RDS representations)"),

@@ -22,6 +22,7 @@ from poise.options import (
     ADAM_FORMULAS,
     DTYPES,
     FEATURE_KINDS,
+    LR_SCHEDULERS,
     POOLINGS,
     PROJECTIONS,
     SELECTION_METHODS,
@@ -152,6 +153,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return None
         raise PoiseError(f"{where}: must not be empty")
     origin = typing.get_origin(kind)
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise PoiseError(f"{where}: expected a mapping, got {value!r}")
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -226,33 +231,58 @@ def dump_yaml(config: Any) -> str:
 
 
 @dataclass
-class WarmupConfig(DataConfig):
-    """`poise warmup`: LoRA warmup training on a random part of the pool (LESS defaults), a checkpoint per epoch."""
+class LoraTrainingConfig(DataConfig):
+    """Settings shared by `poise warmup` and `poise train` (one Trainer-based training function)."""
 
-    data: list[str] = _f([], "the pool: data files or folders (JSONL, JSON, parquet, datasets folder) or a hub "
-                         "data set org/name[@config][:split]", required=True)
     model: str | None = _f(None, "base model: folder, hub id (downloaded once, cached), .gguf file or smollm2-135m",
                            required=True)
-    out: str | None = _f(None, "run folder (checkpoint-<epoch>/ per epoch, arguments.json)", required=True)
-    fraction: float = _f(0.05, "train on this random fraction of the pool (seeded)")
-    examples: int | None = _f(None, "train on this many random examples of the pool instead of --fraction")
     lora_r: int = _f(128, "LoRA rank")
     lora_alpha: int = _f(512, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = _f(0.1, "dropout on the LoRA input while training")
     target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get a LoRA adapter")
-    epochs: int = _f(4, "training epochs (one checkpoint each)")
     lr: float = _f(2e-5, "peak learning rate (AdamW)")
-    warmup_ratio: float = _f(0.03, "fraction of all optimizer steps with linear warmup; then linear decay to 0")
+    warmup_ratio: float = _f(0.03, "fraction of all optimizer steps with linear warm-up")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
-    batch_size: int = _f(128, "examples per optimizer step (micro-batched by --max-tokens, gradients accumulated; "
-                              "split across ranks under torchrun)")
-    seed: int = _f(0, "seed of the subset, the example order of each epoch, the LoRA init and dropout")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm of a step to this (transformers.Trainer's default, as "
+                                   "LESS trains); 0 turns clipping off")
+    batch_size: int = _f(128, "examples per optimizer step, over all processes (gradient accumulation and "
+                              "--max-batch-size examples per forward pass)")
+    seed: int = _f(0, "seed of the example subset and order, the LoRA init and dropout")
     dtype: str = _f("float32", "base model dtype (the LoRA weights and Adam state stay float32)", choices=DTYPES)
-    device: str = _f("cpu", "cpu, cuda, cuda:1, mps ... (under torchrun cuda means each rank's own GPU)")
-    overwrite: bool = _f(False, "start over: delete the run folder's checkpoints (e.g. made with other settings)")
+    bf16: bool = _f(False, "bfloat16 mixed precision (transformers.Trainer's bf16; GPUs)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory)")
+    device: str = _f("cpu", "cpu, or cuda (under torchrun each rank its own GPU)")
+    trainer: dict | None = _f(None, "extra transformers.TrainingArguments (YAML only), e.g. {fsdp: full_shard}",
+                              yaml_only=True)
+    overwrite: bool = _f(False, "start over: delete what an earlier run left in the folder")
+
+
+@dataclass
+class WarmupConfig(LoraTrainingConfig):
+    """`poise warmup`: LoRA warmup training on a random part of the pool (LESS defaults), a checkpoint per epoch."""
+
+    data: list[str] = _f([], "the pool: data files or folders (JSONL, JSON, parquet, datasets folder) or a hub "
+                         "data set org/name[@config][:split]", required=True)
+    out: str | None = _f(None, "run folder (checkpoint-<epoch>/ per epoch, arguments.json)", required=True)
+    fraction: float = _f(0.05, "train on this random fraction of the pool (seeded; LESS 0.05, BIDS 1.0)")
+    examples: int | None = _f(None, "train on this many random examples of the pool instead of --fraction")
+    epochs: int = _f(4, "training epochs (one checkpoint each)")
+    lr_scheduler: str = _f("linear", "decay after the warm-up: linear (LESS) or cosine (BIDS)", choices=LR_SCHEDULERS)
+
+
+@dataclass
+class TrainConfig(LoraTrainingConfig):
+    """`poise train`: LoRA fine-tuning on a selection (BIDS paper defaults: 2 epochs, cosine, lr 2e-5)."""
+
+    selection: str | None = _f(None, "a selection folder (its selected.jsonl, or --pool + selection.json) or any "
+                               "data file poise reads", required=True)
+    out: str | None = _f(None, "output folder: the peft adapter, arguments.json, train_log.jsonl", required=True)
+    pool: str | None = _f(None, "the pool in matrix row order, for a selection folder without selected.jsonl")
+    epochs: int = _f(2, "training epochs")
+    lr_scheduler: str = _f("cosine", "decay after the warm-up: linear (LESS) or cosine (BIDS)", choices=LR_SCHEDULERS)
 
 
 @dataclass

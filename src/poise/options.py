@@ -32,9 +32,13 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 PaddingSide = Literal["right", "left"]
 
+LRScheduler = Literal["linear", "cosine"]
+"""After linear warm-up: linear decay (LESS) or cosine decay (BIDS); every step's rate stays positive."""
+
 FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
 ADAM_FORMULAS: tuple[str, ...] = get_args(AdamFormula)
 PROJECTIONS: tuple[str, ...] = get_args(Projection)
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 TEMPLATES: tuple[str, ...] = get_args(Template)
 DTYPES: tuple[str, ...] = get_args(DType)
+LR_SCHEDULERS: tuple[str, ...] = get_args(LRScheduler)

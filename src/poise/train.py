@@ -1,27 +1,31 @@
-"""The one LoRA training loop: warmup training with a checkpoint per epoch, and import of HF-Trainer checkpoints.
+"""LoRA training on transformers.Trainer: warmup (a checkpoint per epoch), training on a selection, and import
+of HF-Trainer checkpoints.
 
 LESS scores a training example at checkpoint k by its gradient mapped through the Adam state of k
 (m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2, Gamma = m'/sqrt(v'+eps)), weighted by the mean learning rate
-of epoch k. So a warmup checkpoint must keep, beside the adapter, the optimizer's moments keyed by
-parameter *name* (an index-keyed optimizer state means nothing without the model that made it) and the
-mean learning rate. A checkpoint folder `checkpoint-<epoch>/` holds:
+of epoch k. So a warmup checkpoint keeps, beside the adapter, the optimizer's moments keyed by parameter
+*name* (an index-keyed optimizer state means nothing without the model that made it) and the mean
+learning rate. A checkpoint folder `checkpoint-<epoch>/` holds:
 
   adapter_model.safetensors, adapter_config.json   the peft adapter (`save_pretrained`)
   optimizer_moments.safetensors                    `<name>.exp_avg`, `<name>.exp_avg_sq`, float32, for every
                                                    trainable parameter, named as in `model.named_parameters()`
   checkpoint.json                                  epoch, step, lr_mean, model, betas, eps, weight_decay, source
 
-The moments are stored once: a resumed warmup rebuilds AdamW's state from them and the step count.
+`train_lora` is the one training function (warmup and `poise train` call it): the Trainer does the loop,
+DDP under torchrun (gloo on CPU, NCCL on GPU), bf16, gradient checkpointing, gradient accumulation to the
+effective batch and whatever else `TrainingArguments` offers (FSDP, DeepSpeed: the `trainer:` mapping of
+the YAML config). poise supplies the loss of docs/design.md (the mean over a step's examples of each
+example's mean token loss, on the labels features use, so an example's weight does not depend on its
+length, its micro-batch or its rank), the seeded example order of each epoch, and the schedule
+(`lr_multiplier`: linear warm-up over 3% of the steps, then linear (LESS) or cosine (BIDS) decay, every
+step's rate positive). While training, the Trainer keeps its own last epoch checkpoint in `out/trainer/`,
+so a killed run rerun with the same command resumes there and ends with the same bits; it is deleted when
+training completes, so the moments are stored once per poise checkpoint.
 
-`run_warmup` trains with LESS's defaults (docs/design.md): LoRA r=128, alpha=512, dropout 0.1 on q/k/v/o,
-a seeded random 5% of the pool, 4 epochs, AdamW (0.9, 0.999, 1e-8, no weight decay), lr 2e-5 with linear
-warm-up over 3% of the steps and linear decay (`learning_rate`: every step's rate is positive), 128
-examples per optimizer step. The loss of a step is the mean over its examples of each example's mean token loss
-(docs/design.md), so an example's weight does not depend on its length or on how the step is micro-batched
-by the token budget. Under torchrun every rank takes a disjoint slice of each step's examples, the summed
-LoRA gradients are all-reduced, and every rank takes the same step; rank 0 writes. A rerun skips the
-epochs whose checkpoint is complete and resumes from the last one (adapter + full optimizer state +
-the epoch-seeded order and dropout), giving the same bits as an uninterrupted run.
+`run_warmup` trains with LESS's defaults: LoRA r=128, alpha=512, dropout 0.1 on q/k/v/o, a seeded random 5%
+of the pool, 4 epochs, AdamW (0.9, 0.999, 1e-8, no weight decay), lr 2e-5, 128 examples per step.
+`run_train` fine-tunes on a selection with the BIDS paper's: the same LoRA and AdamW, 2 epochs, cosine.
 
 `import_checkpoint` converts a checkpoint written by `transformers.Trainer` (optimizer.pt, keyed by the
 index of the trainable parameter; or an FSDP optimizer.bin, keyed by name) into the same layout.
@@ -41,12 +45,14 @@ from typing import Any
 
 from poise import __version__, distributed
 from poise.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_FILE, MOMENTS_FILE
-from poise.config import ImportConfig, WarmupConfig, to_dict
+from poise.config import ImportConfig, TrainConfig, WarmupConfig, to_dict
 from poise.errors import PoiseError
 from poise.io import atomic_write_json, atomic_write_lines, read_json
+from poise.options import LR_SCHEDULERS
 
 ARGUMENTS_FILE = "arguments.json"
 EXAMPLES_FILE = "examples.jsonl"
+LOG_FILE = "train_log.jsonl"
 WARMUP_SOURCE = "poise warmup"
 IMPORT_SOURCE = "hf-trainer import"
 
@@ -129,24 +135,6 @@ def write_checkpoint(folder: str | os.PathLike, write_adapter: Callable[[Path], 
     return folder
 
 
-def restore_optimizer_state(model: Any, optimizer: Any, moments: dict[str, Any], step: int) -> None:
-    """Rebuild AdamW's per-parameter state from a checkpoint's named moments and its optimizer step count."""
-    import torch
-
-    for name, p in _parameter_order(model):
-        try:
-            exp_avg, exp_avg_sq = moments[f"{name}.exp_avg"], moments[f"{name}.exp_avg_sq"]
-        except KeyError:
-            raise PoiseError(f"no moments for {name}") from None
-        if tuple(exp_avg.shape) != tuple(p.shape) or tuple(exp_avg_sq.shape) != tuple(p.shape):
-            raise PoiseError(f"the moments of {name} have shape {tuple(exp_avg.shape)}, the parameter {tuple(p.shape)}")
-        optimizer.state[p] = {
-            "step": torch.tensor(float(step), dtype=torch.float32),
-            "exp_avg": exp_avg.to(device=p.device, dtype=p.dtype).clone(),
-            "exp_avg_sq": exp_avg_sq.to(device=p.device, dtype=p.dtype).clone(),
-        }
-
-
 def is_complete_checkpoint(folder: Path) -> bool:
     return (folder / CHECKPOINT_FILE).is_file() and (folder / MOMENTS_FILE).is_file()
 
@@ -172,11 +160,12 @@ def _as_positive_int(config: Any, name: str) -> int:
 
 
 class _Hyper:
-    """Validated numbers of a WarmupConfig (floats may arrive as text from YAML, e.g. `lr: 2e-5`)."""
+    """Validated numbers of a WarmupConfig or TrainConfig (floats may arrive as text from YAML, e.g. `lr: 2e-5`)."""
 
     def __init__(self, config: WarmupConfig):
-        self.fraction = _as_float(config, "fraction", 0.0, 1.0, low_open=True)
-        self.examples = None if config.examples is None else _as_positive_int(config, "examples")
+        if hasattr(config, "fraction"):  # warmup: a part of the pool
+            self.fraction = _as_float(config, "fraction", 0.0, 1.0, low_open=True)
+            self.examples = None if config.examples is None else _as_positive_int(config, "examples")
         self.lora_r = _as_positive_int(config, "lora_r")
         self.lora_alpha = _as_float(config, "lora_alpha", 0.0, math.inf, low_open=True)
         self.lora_dropout = _as_float(config, "lora_dropout", 0.0, 1.0)
@@ -187,11 +176,16 @@ class _Hyper:
         self.betas = (_as_float(config, "adam_beta1", 0.0, 1.0), _as_float(config, "adam_beta2", 0.0, 1.0))
         self.eps = _as_float(config, "adam_eps", 0.0, math.inf)
         self.batch_size = _as_positive_int(config, "batch_size")
+        self.max_grad_norm = _as_float(config, "max_grad_norm", 0.0, math.inf)
+        if config.lr_scheduler not in LR_SCHEDULERS:
+            raise PoiseError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {config.lr_scheduler!r}")
+        if config.trainer is not None and not isinstance(config.trainer, dict):
+            raise PoiseError(f"trainer: expected a mapping of TrainingArguments settings, got {config.trainer!r}")
         if not config.target_modules:
             raise PoiseError("--target-modules: name at least one module")
 
 
-def _settings(config: WarmupConfig) -> dict[str, Any]:
+def _settings(config: WarmupConfig | TrainConfig) -> dict[str, Any]:
     """The settings that determine the checkpoints (data paths made absolute)."""
     settings = to_dict(config)
     for key in (*_EXECUTION_SETTINGS, "out"):  # the folder itself may move
@@ -199,7 +193,10 @@ def _settings(config: WarmupConfig) -> dict[str, Any]:
     model_path = Path(str(config.model)).expanduser()
     if model_path.exists():
         settings["model"] = str(model_path.resolve())
-    settings["data"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in config.data]
+    if hasattr(config, "data"):
+        settings["data"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in config.data]
+    if getattr(config, "pool", None):
+        settings["pool"] = str(Path(config.pool).resolve())
     return settings
 
 
@@ -242,8 +239,9 @@ def _open_run(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
                          "use another --out or pass --overwrite")
     distributed.barrier()  # every rank has checked before rank 0 changes anything
     if distributed.is_main() and overwrite:
-        for folder in checkpoint_folders:
-            shutil.rmtree(folder)
+        for folder in [*checkpoint_folders, out / "trainer"]:
+            if folder.exists():
+                shutil.rmtree(folder)
     distributed.barrier()
 
 
@@ -315,15 +313,9 @@ def warmup_count(n_pool: int, hyper: Any) -> int:
 
 def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: Path,
            checkpoints: list[Path], examples: list[Any], count: int) -> list[Path]:
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     from poise.data import tokenize_examples
-    from poise.model import attach_lora, load_model, load_tokenizer
-
-    device = distributed.device_for_rank(config.device)
-    world, rank = distributed.world_size(), distributed.rank()
+    from poise.model import load_tokenizer
 
     # -- the warmup examples: a seeded random part of the pool, tokenised
     chosen = [examples[i] for i in subset_indices(len(examples), count, config.seed)]
@@ -362,117 +354,326 @@ def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: P
         atomic_write_lines(out / EXAMPLES_FILE, (json.dumps({"id": i}) for i in ids))
     distributed.barrier()
 
-    # -- model, adapter, optimizer (resumed from the last complete checkpoint)
-    model = load_model(config.model, dtype=config.dtype, device=device)
-    model = attach_lora(model, r=hyper.lora_r, alpha=hyper.lora_alpha, dropout=hyper.lora_dropout,
-                        target_modules=config.target_modules, seed=config.seed)
-    model.to(device)
-    named = _parameter_order(model)
-    params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps,
-                                  weight_decay=hyper.weight_decay)
-    start = 0 if config.overwrite else _completed_epochs(out, hyper.epochs)
-    if start:
-        last = out / f"checkpoint-{start}"
-        try:
-            adapter = load_file(str(last / ADAPTER_WEIGHTS), device=str(device))
-            result = set_peft_model_state_dict(model, adapter)
-            restore_optimizer_state(model, optimizer, load_file(str(last / MOMENTS_FILE)),
-                                    int(read_json(last / CHECKPOINT_FILE)["step"]))
-        except (OSError, RuntimeError, ValueError, KeyError, PoiseError) as exc:
-            raise PoiseError(f"{last}: cannot resume from it ({str(exc).splitlines()[0]}); "
-                             "delete the folder or pass --overwrite") from None
-        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
-        if missing:
-            raise PoiseError(f"{last}/{ADAPTER_WEIGHTS}: no weights for {missing[0]}; delete the folder to redo it")
+    def save_epoch(epoch: int, step: int, rates: list[float], losses: list[float], model: Any,
+                   optimizer: Any) -> None:
+        info = {
+            "epoch": epoch,
+            "step": step,
+            "lr_mean": sum(rates) / len(rates),
+            "model": config.model,
+            "betas": list(hyper.betas),
+            "eps": hyper.eps,
+            "weight_decay": hyper.weight_decay,
+            "source": WARMUP_SOURCE,
+            "train_loss": sum(losses) / len(losses) if losses else None,
+            "examples": n,
+        }
+        write_checkpoint(checkpoints[epoch - 1], lambda tmp: model.save_pretrained(str(tmp)),
+                         optimizer_moments(model, optimizer), info)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    padding_side = getattr(tokenizer, "padding_side", "right") or "right"
-    model.train()
-
-    from poise.progress import note, track
-
-    if start and distributed.is_main():
-        note(f"warmup: resuming at epoch {start + 1} of {hyper.epochs} (checkpoint-{start} is complete)")
-    # fork_rng: the per-epoch seeding of dropout does not leak into the caller's random state
-    with torch.random.fork_rng(devices=[]), track("warmup", total_steps, unit="steps", done=start * steps_per_epoch,
-                                                  enabled=distributed.is_main()) as progress:
-        for epoch in range(start + 1, hyper.epochs + 1):
-            torch.manual_seed(_mix_seed(config.seed, epoch, rank))  # dropout: the same masks on every (re)run
-            order = epoch_order(n, config.seed, epoch)
-            rates, losses = [], []
-            for s in range(steps_per_epoch):
-                step = (epoch - 1) * steps_per_epoch + s
-                lr = learning_rate(step, total_steps, n_warmup, hyper.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batch = order[s * hyper.batch_size:(s + 1) * hyper.batch_size]
-                mine = batch[rank::world]  # this rank's disjoint slice of the step's examples
-                loss = _accumulate(model, [tokenized[i] for i in mine], len(batch), config.max_tokens,
-                                   config.max_batch_size, pad_id, padding_side, device)
-                loss = _sync_gradients(params, loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                rates.append(lr)
-                losses.append(loss)
-                progress.advance(1, tokens=sum(len(tokenized[i].input_ids) for i in mine), epoch=epoch,
-                                 loss=f"{loss:.4f}")
-            if distributed.is_main():
-                info = {
-                    "epoch": epoch,
-                    "step": epoch * steps_per_epoch,
-                    "lr_mean": sum(rates) / len(rates),
-                    "model": config.model,
-                    "betas": list(hyper.betas),
-                    "eps": hyper.eps,
-                    "weight_decay": hyper.weight_decay,
-                    "source": WARMUP_SOURCE,
-                    "train_loss": sum(losses) / len(losses),
-                    "examples": n,
-                }
-                write_checkpoint(checkpoints[epoch - 1], lambda tmp: model.save_pretrained(str(tmp)),
-                                 optimizer_moments(model, optimizer), info)
-            distributed.barrier()
+    train_lora(config, hyper, tokenizer, tokenized, out, "warmup", on_epoch_end=save_epoch)
     return checkpoints
 
 
-def _accumulate(model: Any, items: Sequence[Any], global_size: int, max_tokens: int, max_batch_size: int,
-                pad_id: int, padding_side: str, device: Any) -> float:
-    """Backward this rank's examples of one step, micro-batched; returns their summed loss / global_size.
+# ------------------------------------------------------------------------------ the training function
+def lr_multiplier(scheduler: str, step: int, total_steps: int, n_warmup: int) -> float:
+    """The learning rate of step `step` as a fraction of the peak: `learning_rate` (linear) or its cosine twin.
 
-    The loss differentiated is sum_i loss_i / global_size, so after the cross-rank sum the gradient is that
-    of the mean over the step's examples of each example's mean token loss.
+    Both warm up linearly from peak / n_warmup on the first step; cosine then follows
+    0.5 * (1 + cos(pi * (step - n_warmup) / (total - n_warmup))), positive on every step as well.
     """
-    from poise.data import collate, token_budget_batches
-    from poise.losses import per_example_losses
-
-    total = 0.0
-    for micro in token_budget_batches([len(item.input_ids) for item in items], max_tokens, max_batch_size):
-        batch = {k: v.to(device) for k, v in collate([items[i] for i in micro], pad_id, padding_side).items()}
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], use_cache=False)
-        loss = per_example_losses(out.logits, batch["labels"]).sum() / global_size
-        loss.backward()
-        total += float(loss.detach())
-    return total
+    if scheduler == "linear" or step < n_warmup:
+        return learning_rate(step, total_steps, n_warmup, 1.0)
+    progress = (step - n_warmup) / max(1, total_steps - n_warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _sync_gradients(params: Sequence[Any], loss: float) -> float:
-    """Sum the LoRA gradients (and the loss) over ranks; a rank without examples contributes zeros."""
+def micro_batching(batch_size: int, world: int, max_micro: int) -> tuple[int, int]:
+    """(examples per device per forward pass, gradient accumulation steps) for `batch_size` examples per step."""
+    if batch_size % world:
+        raise PoiseError(f"--batch-size {batch_size} must be a multiple of the number of processes ({world})")
+    per_rank = batch_size // world
+    micro = max(d for d in range(1, min(per_rank, max_micro) + 1) if per_rank % d == 0)
+    return micro, per_rank // micro
+
+
+def train_lora(config: Any, hyper: Any, tokenizer: Any, tokenized: Sequence[Any], out: Path, label: str,
+               on_epoch_end: Callable[..., None] | None = None) -> Any:
+    """LoRA-train `config.model` on `tokenized` with transformers.Trainer; returns the trained peft model.
+
+    The Trainer (accelerate underneath) does the loop, DDP under torchrun, bf16, gradient checkpointing and
+    any extra `TrainingArguments` of `config.trainer`. poise supplies the loss (the mean over the step's
+    examples of each example's mean token loss, exactly as features differentiate it), the example order
+    (`epoch_order`), the schedule (`lr_multiplier`: every step's rate is positive) and, per epoch,
+    `on_epoch_end(epoch, global_step, step_rates, step_losses, model, optimizer)` on rank 0. The Trainer's
+    own checkpoint (one, the last epoch's) lives in `out/trainer/` while training, so a killed run rerun with
+    the same command resumes there; it is removed when training completes.
+    """
     import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
 
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if distributed.world_size() <= 1:
-        return loss
-    import torch.distributed as dist
+    from poise.data import collate
+    from poise.losses import per_example_losses
+    from poise.model import attach_lora, load_model
+    from poise.progress import note, track
 
-    for p in params:
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-    total = torch.tensor([loss], dtype=torch.float64, device=params[0].device)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return float(total.item())
+    world = distributed.world_size()
+    micro, accumulation = micro_batching(hyper.batch_size, world, config.max_batch_size)
+    n = len(tokenized)
+    steps_per_epoch = math.ceil(n / hyper.batch_size)
+    total_steps = steps_per_epoch * hyper.epochs
+    n_warmup = warmup_steps(total_steps, hyper.warmup_ratio)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    padding_side = getattr(tokenizer, "padding_side", "right") or "right"
+    main = distributed.is_main()
+
+    model = load_model(config.model, dtype=config.dtype, device="cpu")
+    model = attach_lora(model, r=hyper.lora_r, alpha=hyper.lora_alpha, dropout=hyper.lora_dropout,
+                        target_modules=config.target_modules, seed=config.seed)
+
+    class Examples(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return n
+
+        def __getitem__(self, index: int) -> Any:
+            return tokenized[index]
+
+    class EpochOrder(torch.utils.data.Sampler):
+        """`epoch_order(n, seed, epoch)`: the same order on every rank and on a resumed run."""
+
+        def __init__(self) -> None:
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __len__(self) -> int:
+            return n
+
+        def __iter__(self):
+            return iter(epoch_order(n, config.seed, self.epoch + 1))
+
+    class LoraTrainer(Trainer):
+        loss_is_scaled_for_ga = True
+
+        def _get_train_sampler(self, train_dataset=None):
+            return EpochOrder()
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            """The examples of this optimizer step, summed over ranks (not Trainer's token count)."""
+            count = torch.tensor(sum(int(b["input_ids"].shape[0]) for b in batch_samples), device=device)
+            if self.accelerator.num_processes > 1:
+                count = self.accelerator.gather(count).sum()
+            return count
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            output = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                           position_ids=inputs["position_ids"], use_cache=False)
+            losses = per_example_losses(output.logits, inputs["labels"])  # (b,)
+            # sum_i loss_i / (examples in the step); times the processes, whose gradients DDP averages
+            loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch
+            return (loss, output) if return_outputs else loss
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer,
+                    lambda step: lr_multiplier(config.lr_scheduler, step, total_steps, n_warmup))
+            return self.lr_scheduler
+
+    trainer_dir = out / "trainer"
+    resume = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() and not config.overwrite else None
+    log_path = out / LOG_FILE
+    resumed_step = int(resume.rsplit("-", 1)[1]) if resume else 0
+
+    class Record(TrainerCallback):
+        """Step rates and losses, the per-step log, progress, the epoch's poise checkpoint."""
+
+        def __init__(self) -> None:
+            self.rates: dict[int, float] = {}
+            self.losses: dict[int, float] = {}
+            self.tracker: Any = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if main:
+                kept = []
+                if log_path.exists() and resumed_step:
+                    kept = [line for line in log_path.read_text().splitlines()
+                            if line.strip() and json.loads(line)["step"] <= resumed_step]
+                atomic_write_lines(log_path, kept)
+                if resume:
+                    note(f"{label}: resuming at step {resumed_step + 1} of {total_steps} ({resume})")
+
+        def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+            self.rates[state.global_step] = float(lr_scheduler.get_last_lr()[0])  # the rate this step runs at
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                step = state.global_step
+                self.losses[step - 1] = float(logs["loss"])
+                if main:
+                    with open(log_path, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps({"step": step, "epoch": round(float(state.epoch or 0), 4),
+                                                 "loss": float(logs["loss"]), "lr": self.rates.get(step - 1)})
+                                     + "\n")
+                if self.tracker is not None:
+                    self.tracker.advance(step - self.tracker.done, loss=f"{float(logs['loss']):.4f}")
+
+        def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            epoch = int(round(float(state.epoch)))
+            steps = range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch)
+            if on_epoch_end is not None and main:
+                on_epoch_end(epoch, state.global_step, [self.rates[s] for s in steps],
+                             [self.losses[s] for s in steps if s in self.losses], model, optimizer)
+            distributed.barrier()
+            kill_after = os.environ.get("POISE_KILL_AFTER_EPOCH")  # tests: a SIGKILL right after this epoch's save
+            self.kill = kill_after is not None and int(kill_after) == epoch
+
+        def on_save(self, args, state, control, **kwargs):
+            if getattr(self, "kill", False):
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    extra = dict(getattr(config, "trainer", None) or {})
+    arguments = dict(
+        output_dir=str(trainer_dir), per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
+        num_train_epochs=hyper.epochs, learning_rate=hyper.lr, weight_decay=hyper.weight_decay,
+        adam_beta1=hyper.betas[0], adam_beta2=hyper.betas[1], adam_epsilon=hyper.eps,
+        max_grad_norm=hyper.max_grad_norm, optim="adamw_torch", seed=config.seed, data_seed=config.seed,
+        logging_steps=1, save_strategy="epoch", save_total_limit=1, save_only_model=False, report_to=[],
+        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+        use_cpu=str(config.device) == "cpu", bf16=bool(config.bf16),
+        ddp_find_unused_parameters=False,
+    )
+    if config.gradient_checkpointing:
+        arguments["activation_checkpointing"] = True
+    unknown = sorted(set(extra) - set(TrainingArguments.__dataclass_fields__))
+    if unknown:
+        raise PoiseError(f"trainer: unknown TrainingArguments setting {unknown[0]!r}")
+    arguments.update(extra)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the Trainer's own info lines; poise says what matters
+    record = Record()
+    trainer = LoraTrainer(
+        model=model, args=TrainingArguments(**arguments), train_dataset=Examples(),
+        data_collator=lambda items: collate(items, pad_id, padding_side), callbacks=[record],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; poise's progress says it once
+    with track(label, total_steps, unit="steps", done=resumed_step, enabled=main) as tracker:
+        record.tracker = tracker
+        trainer.train(resume_from_checkpoint=resume)
+    distributed.barrier()
+    if main and trainer_dir.exists():
+        shutil.rmtree(trainer_dir)  # complete: the Trainer's resume state is no longer needed
+    return trainer.model
+
+
+# --------------------------------------------------------------------------------- train on a selection
+SUMMARY_FILE = "train_summary.json"
+TRAIN_SOURCE = "poise train"
+
+
+def selection_examples(selection: str, pool: str | None) -> list[Any]:
+    """The examples a selection names: its `selected.jsonl`, or its picks taken from `pool`; or a data file."""
+    from poise.data import read_examples
+
+    path = Path(selection)
+    if not path.is_dir():
+        return read_examples(selection)
+    if (path / "selected.jsonl").is_file() and pool is None:
+        return read_examples(path / "selected.jsonl")
+    if not (path / "selection.json").is_file():
+        if any(path.glob("*.jsonl")):
+            return read_examples(path)  # a folder of data files
+        raise PoiseError(f"{path}: neither a selection folder (selection.json) nor a folder of data files")
+    if pool is None:
+        raise PoiseError(f"{path}: no selected.jsonl; pass --pool (the pool in matrix row order) to take the picks "
+                         "of selection.json from it")
+    picks = read_json(path / "selection.json").get("indices")
+    if not isinstance(picks, list) or not picks:
+        raise PoiseError(f"{path / 'selection.json'}: no 'indices' (the picked rows)")
+    rows = read_examples(pool)
+    if max(picks) >= len(rows):
+        raise PoiseError(f"{path / 'selection.json'}: picks row {max(picks)}, but {pool} has {len(rows)} rows")
+    return [rows[i] for i in picks]
+
+
+def run_train(config: TrainConfig) -> Path:
+    """Fine-tune a LoRA adapter on a selection into `config.out` (a peft adapter folder); returns it.
+
+    Resumes a killed run from the Trainer's last epoch checkpoint; refuses a folder trained with other
+    settings unless `overwrite`; a complete folder with the same settings is reused.
+    """
+    missing = [f"--{k}" for k in ("selection", "model", "out") if not getattr(config, k)]
+    if missing:
+        raise PoiseError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+    hyper = _Hyper(config)
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise PoiseError(f"--out {str(out)!r} is a file, not a folder")
+    examples = selection_examples(config.selection, config.pool)  # before any model is loaded
+    if not examples:
+        raise PoiseError(f"{config.selection}: no examples")
+    settings = _settings(config)
+    settings["selection"] = str(Path(config.selection).resolve())
+    distributed.init(config.device)
+    from poise.progress import note
+
+    previous = read_json(out / ARGUMENTS_FILE) if (out / ARGUMENTS_FILE).is_file() else None
+    if previous is not None and previous.get("settings") != settings and not config.overwrite:
+        differing = _differences(previous.get("settings") or {}, settings)
+        raise PoiseError(f"{out}: holds a training run made with other settings ({', '.join(differing)}); "
+                         "use another --out or pass --overwrite")
+    if previous is None and out.is_dir() and any(out.iterdir()) and not config.overwrite:
+        raise PoiseError(f"{out}: not empty and not a poise training folder; use another --out or pass --overwrite")
+    if previous is not None and not config.overwrite and (out / SUMMARY_FILE).is_file():
+        if distributed.is_main():
+            note(f"train: {out} is already complete; nothing to do")
+        return out
+    distributed.barrier()
+    if distributed.is_main() and config.overwrite and out.is_dir():
+        for name in (SUMMARY_FILE, LOG_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+    distributed.barrier()
+
+    from poise.data import tokenize_examples
+    from poise.model import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    kept, tokenized, _ = tokenize_examples(examples, tokenizer, config.max_seq_length, template=config.template,
+                                           progress=distributed.is_main())
+    ids = [examples[i].id for i in kept]
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / ARGUMENTS_FILE, {
+            "poise_version": __version__, "settings": settings, "arguments": to_dict(config),
+            "examples": {"given": len(examples), "trained": len(ids),
+                         "digest": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]},
+        })
+    distributed.barrier()
+    model = train_lora(config, hyper, tokenizer, tokenized, out, "train")
+    if distributed.is_main():
+        tmp = out / ".adapter.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        for item in tmp.iterdir():
+            os.replace(item, out / item.name)
+        tmp.rmdir()
+        log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines() if line.strip()]
+        last_epoch = [row["loss"] for row in log[-math.ceil(len(tokenized) / hyper.batch_size):]]
+        atomic_write_json(out / SUMMARY_FILE, {
+            "source": TRAIN_SOURCE, "model": config.model, "examples": len(tokenized), "steps": len(log),
+            "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
+            "last_epoch_mean_loss": sum(last_epoch) / len(last_epoch) if last_epoch else None,
+        })
+    distributed.barrier()
+    return out
 
 
 # ----------------------------------------------------------------------------------------- import
