@@ -398,7 +398,7 @@ def micro_batching(batch_size: int, world: int, max_micro: int) -> tuple[int, in
 
 
 def train_lora(config: Any, hyper: Any, tokenizer: Any, tokenized: Sequence[Any], out: Path, label: str,
-               on_epoch_end: Callable[..., None] | None = None) -> Any:
+               on_epoch_end: Callable[..., None] | None = None, metrics: dict | None = None) -> Any:
     """LoRA-train `config.model` on `tokenized` with transformers.Trainer; returns the trained peft model.
 
     The Trainer (accelerate underneath) does the loop, DDP under torchrun, bf16, gradient checkpointing and
@@ -407,7 +407,8 @@ def train_lora(config: Any, hyper: Any, tokenizer: Any, tokenized: Sequence[Any]
     (`epoch_order`), the schedule (`lr_multiplier`: every step's rate is positive) and, per epoch,
     `on_epoch_end(epoch, global_step, step_rates, step_losses, model, optimizer)` on rank 0. The Trainer's
     own checkpoint (one, the last epoch's) lives in `out/trainer/` while training, so a killed run rerun with
-    the same command resumes there; it is removed when training completes.
+    the same command resumes there; it is removed when training completes. `metrics`, when given, receives
+    the Trainer's own (train_runtime, train_samples_per_second, ...).
     """
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -566,7 +567,9 @@ def train_lora(config: Any, hyper: Any, tokenizer: Any, tokenized: Sequence[Any]
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; poise's progress says it once
     with track(label, total_steps, unit="steps", done=resumed_step, enabled=main) as tracker:
         record.tracker = tracker
-        trainer.train(resume_from_checkpoint=resume)
+        result = trainer.train(resume_from_checkpoint=resume)
+    if metrics is not None:
+        metrics.update(result.metrics)
     distributed.barrier()
     if main and trainer_dir.exists():
         shutil.rmtree(trainer_dir)  # complete: the Trainer's resume state is no longer needed
