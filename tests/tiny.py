@@ -96,5 +96,6 @@ def tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2, head
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """Write `rows` as JSON lines (UTF-8, one object per line) and return the path."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path

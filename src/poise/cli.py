@@ -21,6 +21,7 @@ from poise import __version__
 from poise.config import (
     AttributeConfig,
     DemoConfig,
+    EvaluateConfig,
     FeaturesConfig,
     ImportConfig,
     ReportConfig,
@@ -149,6 +150,54 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from poise.evaluate import SCORES_FILE, run_evaluate
+    from poise.io import read_json
+
+    config = build_config(EvaluateConfig, args, "evaluate")
+    started = time.perf_counter()
+    out = run_evaluate(config)
+    scores = read_json(Path(out) / SCORES_FILE)
+    print_scores(scores, Console(soft_wrap=True))
+    print(f"evaluate: {out}/{SCORES_FILE} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+def print_scores(scores: dict, console: Any) -> None:
+    """One row per task: its metrics (value ± stderr); then the macro-average and the worst task."""
+    from rich.table import Table
+
+    per_task = scores["scores"]
+    metrics = list(dict.fromkeys(m for values in per_task.values() for m in values))
+    table = Table(title=f"{scores.get('label')}: {scores.get('model')}")
+    table.add_column("task")
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    for task, values in per_task.items():
+        table.add_row(task, *[_value(values.get(m)) for m in metrics])
+    for name, pick in (("macro-average", None), ("worst", min)):
+        cells = []
+        for metric in metrics:
+            numbers = [v[metric]["value"] for v in per_task.values() if v.get(metric, {}).get("value") is not None]
+            if not numbers:
+                cells.append("–")
+            elif pick is None:
+                cells.append(f"{sum(numbers) / len(numbers):.4f}")
+            else:  # worst: the lowest, or the highest for a loss
+                cells.append(f"{(max if metric == 'nll' else min)(numbers):.4f}")
+        table.add_row(name, *cells, style="bold")
+    console.print(table)
+
+
+def _value(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "–"
+    stderr = entry.get("stderr")
+    return f"{entry['value']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
     from poise.train import import_checkpoint
 
@@ -228,6 +277,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], int], str]] = {
     "warmup": (WarmupConfig, cmd_warmup, "LoRA warmup training with per-epoch checkpoints (adapter + Adam moments)"),
     "train": (TrainConfig, cmd_train, "LoRA fine-tuning on a selection (BIDS defaults: 2 epochs, cosine, lr 2e-5)"),
+    "evaluate": (EvaluateConfig, cmd_evaluate, "lm-evaluation-harness on every capability (local held-out files, "
+                 "lm-eval tasks, bids-suite)"),
     "import-checkpoint": (ImportConfig, cmd_import_checkpoint,
                           "convert an HF-Trainer checkpoint (optimizer.pt / FSDP optimizer.bin) to a poise one"),
     "features": (FeaturesConfig, cmd_features, "per-example LoRA gradient features (or RDS representations)"),

@@ -286,6 +286,28 @@ class TrainConfig(LoraTrainingConfig):
 
 
 @dataclass
+class EvaluateConfig:
+    """`poise evaluate`: lm-evaluation-harness on every capability, for a base model or a trained adapter."""
+
+    model: str | None = _f(None, "base model: folder, hub id, .gguf file or smollm2-135m", required=True)
+    out: str | None = _f(None, "output folder: results.json (lm-eval), scores.json (poise), tasks/", required=True)
+    adapter: str | None = _f(None, "a peft adapter folder (poise train's output) to evaluate on top of the model")
+    data: list[str] = _f([], "local held-out items: files or folders of {id, prompt|messages, answer} JSONL, one "
+                         "file per capability")
+    tasks: list[str] = _f([], "lm-eval task names, or bids-suite (the BIDS paper's seven; they need the hub)")
+    label: str | None = _f(None, "name of this run in comparison tables (default: the adapter folder, or base)")
+    template: str = _f("auto", "how local prompts are rendered (as the training data was)", choices=TEMPLATES)
+    max_gen_toks: int = _f(32, "tokens generated for exact match on local tasks")
+    batch_size: int = _f(8, "lm-eval batch size")
+    limit: int | None = _f(None, "evaluate only the first N items of each task (quick checks)")
+    allow_code_execution: bool = _f(False, "let HumanEval/MBPP execute the code the model writes (do it in a "
+                                           "sandbox)")
+    seed: int = _f(0, "lm-eval's random, numpy, torch and few-shot seeds")
+    dtype: str = _f("float32", "model dtype", choices=DTYPES)
+    device: str = _f("cpu", "cpu, cuda, cuda:1, mps ...")
+
+
+@dataclass
 class ImportConfig:
     """`poise import-checkpoint`: turn an HF-Trainer LoRA checkpoint into a poise checkpoint (named moments)."""
 

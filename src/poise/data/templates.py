@@ -297,3 +297,10 @@ class _Encoder:
             else:
                 reason = f"no target tokens within max_seq_length={cut} (prompt is {prompt} tokens)"
         return item, reason
+
+
+def render_prompt(messages: Sequence[dict], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate = "auto",
+                  where: str = "") -> str:
+    """The text a model continues for `messages` (ending with a user turn): rendered exactly as training data
+    is (the same template and rules), followed by the assistant header."""
+    return _Encoder(tokenizer, template, 1).render(list(messages), True, where)
