@@ -100,3 +100,22 @@ def test_bad_local_tasks_and_adapters_are_one_line_errors(model, tmp_path, capsy
         assert main(["evaluate", "--model", str(model), "--out", str(tmp_path / "o"), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_an_adapter_made_on_another_base_model_is_refused(model, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "other"
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer, seed=1, hidden=48).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(other),
+                                LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    capsys.readouterr()  # transformers' own save bars
+    write_jsonl(tmp_path / "held" / "math.jsonl", [{"id": "x", "prompt": "What is 2+2?", "answer": "4"}])
+    code = main(["evaluate", "--model", str(model), "--adapter", str(tmp_path / "adapter"),
+                 "--data", str(tmp_path / "held"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "trained on" in err[0] and "not on --model" in err[0], err

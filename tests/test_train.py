@@ -485,6 +485,11 @@ def test_warmup_killed_after_an_epoch_resumes_and_ends_as_an_uninterrupted_run(s
     assert killed.returncode == -9, killed.stderr[-2000:]
     out = Path(config.out)
     assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
+    # the Trainer's own checkpoint of that epoch, imported, holds the same adapter and moments as poise's
+    imported = import_checkpoint(ImportConfig(checkpoint=str(out / "trainer" / "checkpoint-3"),
+                                              out=str(tmp_path / "imported"), model=str(setup["model"]), epoch=1))
+    for name in (ADAPTER_WEIGHTS, MOMENTS_FILE):
+        tensors_equal(imported / name, out / "checkpoint-1" / name)
     before = (out / "checkpoint-1" / MOMENTS_FILE).stat().st_mtime_ns
     resumed = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
