@@ -455,3 +455,49 @@ def test_run_report_builds_the_page_from_saved_matrix_and_selection_folders(matr
     assert f"Question number {first['row']}?" in picks_of(path).tables[0][1]  # read from the given folder
     with pytest.raises(PoiseError, match="at least one selection"):
         run_report(ReportConfig(attribution=str(tmp_path / "attribution"), out=str(tmp_path / "r2")))
+
+
+# ------------------------------------------------------------------------------------- downstream
+def _write_scores(folder, label: str, values: dict[str, float], metric: str = "nll") -> str:
+    import json as _json
+
+    folder.mkdir(parents=True)
+    (folder / "scores.json").write_text(_json.dumps({"label": label, "model": "m", "scores": {
+        task: {metric: {"value": v, "stderr": 0.01, "higher_is_better": metric != "nll"},
+               "acc": {"value": 0.5, "stderr": None, "higher_is_better": True}} for task, v in values.items()}}))
+    return str(folder)
+
+
+def test_report_on_evaluation_folders_prints_and_writes_the_table2_layout(tmp_path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from poise.config import ReportConfig
+    from poise.report import run_report
+
+    runs = [_write_scores(tmp_path / "base", "base", {"math": 1.2, "code": 2.0}),
+            _write_scores(tmp_path / "bids", "bids-15", {"math": 0.9, "code": 1.7}),
+            _write_scores(tmp_path / "random", "random-15", {"math": 1.0, "code": 2.5})]
+    stream = io.StringIO()
+    page = run_report(ReportConfig(selections=runs, out=str(tmp_path / "report")),
+                      console=Console(file=stream, width=200))
+    text = stream.getvalue()
+    assert "math (nll)" in text and "macro-average" in text and "worst" in text
+    bids_row = next(line for line in text.splitlines() if "bids-15" in line)
+    assert "1.3000" in bids_row and "1.7000" in bids_row  # macro (0.9 + 1.7) / 2; worst = the highest nll
+    html = page.read_text()
+    assert "<b>0.9000</b>" in html and "<u>1.0000</u>" in html  # math: best bids, second random (lower is better)
+    assert "<b>1.7000</b>" in html and "<u>2.0000</u>" in html  # code: best bids, second base
+    assert "<b>1.3000</b>" in html  # macro-average
+
+
+def test_downstream_table_follows_each_metrics_direction() -> None:
+    from poise.report.downstream import downstream_table, ranks
+
+    higher = [{"label": name, "scores": {"t": {"acc": {"value": v, "higher_is_better": True}}}}
+              for name, v in (("a", 0.2), ("b", 0.6), ("c", 0.4))]
+    table = downstream_table(higher, metric="acc")
+    assert table.columns == ["t (acc)", "macro-average", "worst"]
+    assert [row[0] for row in ranks(table)] == [None, 1, 2]
+    assert table.values[1] == [0.6, 0.6, 0.6]

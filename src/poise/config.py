@@ -65,7 +65,9 @@ class SelectConfig(MatrixConfig):
 class ReportConfig(MatrixConfig):
     """`poise report`: plots and an HTML page for one or more selections."""
 
-    selections: list[str] = _f([], "selection folders written by `poise select`", positional=True)
+    selections: list[str] = _f([], "selection folders (poise select) and/or evaluation folders (poise evaluate)",
+                               positional=True)
+    metric: str = _f("nll", "evaluations: the metric shown per task when the task has it (else its first)")
     out: str | None = _f(None, "output folder for the PNGs and report.html", required=True)
     title: str = _f("poise selection report", "title of the HTML page")
     embed_images: bool = _f(True, "embed the figures in report.html as data URIs, one file that opens anywhere "

@@ -41,6 +41,8 @@ SCORES_FILE = "scores.json"
 TASK_PREFIX = "poise_"
 #: Per local capability: the metric that ranks runs (higher is better) and the others shown.
 LOCAL_METRICS = ("acc", "exact_match", "nll")
+#: Metrics where lower is better, when lm-eval's results do not say.
+LOWER_IS_BETTER = ("nll", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 _PROCESS_RESULTS = '''"""lm-eval process_results for poise's local tasks (written by poise evaluate)."""
 
@@ -171,6 +173,7 @@ def resolve_tasks(names: list[str], task_manager: Any, allow_code_execution: boo
 def scores_from_results(results: dict) -> dict[str, dict[str, dict[str, float | None]]]:
     """{task: {metric: {"value", "stderr"}}} from lm-eval's results; local tasks merged per capability."""
     scores: dict[str, dict[str, dict[str, float | None]]] = {}
+    directions = results.get("higher_is_better") or {}
     for task, values in (results.get("results") or {}).items():
         name = task
         if task.startswith(TASK_PREFIX):
@@ -181,9 +184,11 @@ def scores_from_results(results: dict) -> dict[str, dict[str, dict[str, float | 
             metric, _filter = key.split(",", 1)
             stderr = values.get(f"{metric}_stderr,{_filter}")
             number = float(value) if isinstance(value, (int, float)) else None
+            higher = (directions.get(task) or {}).get(metric)
             scores.setdefault(name, {})[metric] = {
                 "value": number,
                 "stderr": float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None,
+                "higher_is_better": bool(higher) if higher is not None else metric not in LOWER_IS_BETTER,
             }
     return scores
 

@@ -310,6 +310,7 @@ def build_report(
     title: str = "poise selection report",
     embed_images: bool = True,
     folders: Sequence[str | os.PathLike | None] | None = None,
+    downstream: str = "",
 ) -> Path:
     """Write the figures and `report.html` for `selections` of `matrix` into `out_dir`; return the page.
 
@@ -411,6 +412,7 @@ def build_report(
         embed_images=embed_images,
         colors=hex_colors,
         picks=picks,
+        downstream=downstream,
     )
     path = out / REPORT_FILE
     atomic_write_text(path, page)
@@ -439,16 +441,43 @@ def _matrix_of(selection: Selection, config: ReportConfig) -> ReportConfig:
 def run_report(config: ReportConfig, console: Any = None) -> Path:
     """The `poise report` stage: load the matrix and the selection folders, build the report, and
     print the summary tables to `console` when one is given."""
+    from poise.report.downstream import (
+        DOWNSTREAM_CAPTION,
+        downstream_html,
+        downstream_page,
+        downstream_table,
+        is_evaluation,
+        print_downstream,
+        read_evaluation,
+    )
+
     if not config.out:
         raise PoiseError("--out DIR is required")
     if not config.selections:
-        raise PoiseError("name at least one selection folder written by `poise select`")
+        raise PoiseError("name at least one selection folder (poise select) or evaluation folder (poise evaluate)")
+    evaluations = [read_evaluation(p) for p in config.selections if is_evaluation(p)]
+    table = downstream_table(evaluations, metric=config.metric) if evaluations else None
+    if table is not None and console is not None:
+        print_downstream(table, console)
+    folders = [p for p in config.selections if not is_evaluation(p)]
+    if not folders:  # evaluations only: the page is the table
+        path = Path(config.out) / REPORT_FILE
+        atomic_write_text(path, downstream_page(config.title, table))
+        return path
+    import dataclasses
+
+    config = dataclasses.replace(config, selections=folders)
     selections = [read_selection(path) for path in config.selections]
     if not (config.attribution or config.scores):
         config = _matrix_of(selections[0], config)
     matrix = load_matrix(config)
+    extra = ""
+    if table is not None:
+        from poise.report.html import esc
+
+        extra = f'<h2>Downstream results</h2><p class="caption">{esc(DOWNSTREAM_CAPTION)}</p>{downstream_html(table)}'
     path = build_report(matrix, selections, config.out, title=config.title, embed_images=config.embed_images,
-                        folders=config.selections)
+                        folders=config.selections, downstream=extra)
     if console is not None:
         print_summary(matrix, selections, console=console)
     return path

@@ -274,6 +274,7 @@ def render_page(
     embed_images: bool = True,
     colors: Sequence[str | None] | None = None,
     picks: Sequence[PickTable] = (),
+    downstream: str = "",
 ) -> str:
     """The whole page as a string. `summary` rows come from `poise.report.summary_rows`; `colors`
     are the selections' colours (#rrggbb, in `names` order); `picks` are the first-picks tables."""
@@ -291,6 +292,7 @@ def render_page(
         "<h2>Per-task summary</h2>",
         f'<p class="caption">{esc(SUMMARY_CAPTION)}</p>',
         _summary_table(names, summary, colors),
+        downstream,
     ]
     for section in sections:
         parts.append(f"<h2>{esc(section.heading)}</h2>")
