@@ -594,3 +594,8 @@ def test_train_bad_selections_are_one_line_errors(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no selected.jsonl; pass --pool" in err and len(err.strip().splitlines()) == 1
     assert main(_train_argv(setup, tmp_path / "o", folder, "--pool", str(setup["pool"]))) == 0
+    capsys.readouterr()
+    # the same folder with another setting is refused, naming it
+    assert main(_train_argv(setup, tmp_path / "o", folder, "--pool", str(setup["pool"]), "--lr", "2e-3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "made with other settings (lr)" in err[0], err
