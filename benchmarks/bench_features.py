@@ -1,4 +1,4 @@
-"""Benchmark of gradient-feature extraction (DESIGN.md §2.3): poise's batched sjlt path against the floor
+"""Benchmark of gradient-feature extraction (docs/design.md §2.3): poise's batched sjlt path against the floor
 and a LESS-style reference.
 
 Claim measured: exact per-example LoRA gradients from one batched forward/backward with hooks, the LESS

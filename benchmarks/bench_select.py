@@ -1,6 +1,6 @@
 """Benchmark of `poise.select` at the BIDS paper's scale, and of exact fast BIDS against the naive loop.
 
-Claim measured (DESIGN.md §2.5): the exact fast BIDS selects 15% of N = 288,000 training rows against
+Claim measured (docs/design.md §2.5): the exact fast BIDS selects 15% of N = 288,000 training rows against
 V = 350 validation columns (7 tasks of different influence scales) in seconds on a CPU, including the
 column normalisation, with a peak memory of a few times the matrix, and returns exactly the picks of
 the literal Algorithm-1 loop (`tests/oracles.py::bids_naive`), which costs O(B·N·V) and would take hours.

@@ -1,4 +1,4 @@
-"""The Adam map of training gradients (poise.features.precondition, DESIGN.md §2.3)."""
+"""The Adam map of training gradients (poise.features.precondition, docs/design.md §2.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Random projections of per-example gradients (poise.features.projection, DESIGN.md §2.3)."""
+"""Random projections of per-example gradients (poise.features.projection, docs/design.md §2.3)."""
 
 from __future__ import annotations
 

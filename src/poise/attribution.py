@@ -1,6 +1,6 @@
 """The attribution matrix: influence of every training example on every validation example.
 
-`A[i, j]` is the influence of training row i on validation column j (DESIGN.md §2.4). Rows are the
+`A[i, j]` is the influence of training row i on validation column j (docs/design.md §2.4). Rows are the
 pool in its own order; every column carries a validation id and the task it belongs to. Selection,
 analysis and report only ever see this object, so they work on a matrix made by poise or by anything
 else (`.npy`, `.safetensors`, weights-only torch `.pt`).

@@ -4,7 +4,7 @@ Per-example gradients cost memory in proportion to batch size × padded length, 
 token budget rather than a fixed size: examples sorted by length (longest first, so the first batch shows
 the peak memory at once) are added to a batch while `len(batch) * longest <= max_tokens`. The order is a
 pure function of the lengths, so every rank and every rerun builds the same batches. Because the loss is a
-sum of per-example losses that ignores padding (DESIGN.md §2.1), the batching never changes a result; only
+sum of per-example losses that ignores padding (docs/design.md §2.1), the batching never changes a result; only
 the order of results does, which `restore_order` undoes.
 """
 

@@ -14,7 +14,7 @@ tokenised with `add_special_tokens=False`: chat templates write their own BOS, s
 (the tulu template writes none, so the tokenizer's BOS is prepended when it normally adds one).
 
 Examples with no target token left after truncation to `max_seq_length` are excluded and reported: LESS
-silently keeps them and gives them identical nonzero Adam features (DESIGN.md §2.1).
+silently keeps them and gives them identical nonzero Adam features (docs/design.md §2.1).
 """
 
 from __future__ import annotations

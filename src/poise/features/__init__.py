@@ -1,4 +1,4 @@
-"""Gradient features for LESS-style influence (DESIGN.md §2.3): the Adam map and random projections.
+"""Gradient features for LESS-style influence (docs/design.md §2.3): the Adam map and random projections.
 
 `adam_direction` maps a training example's gradient to the direction an Adam step would take;
 `make_projector` builds the (seed, parameter name, shape)-determined map that reduces per-example

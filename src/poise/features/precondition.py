@@ -2,7 +2,7 @@
 
 LESS scores a training example by the update it would cause, not by its raw gradient: with the
 warmup checkpoint's stored moments m (`exp_avg`) and v (`exp_avg_sq`), one more Adam step on the
-example alone would move the parameters along Γ (DESIGN.md §2.3). Two formulas are offered:
+example alone would move the parameters along Γ (docs/design.md §2.3). Two formulas are offered:
 
 - ``"less"`` (default; what LESS's code computes): m' = β1·m + (1−β1)·g, v' = β2·v + (1−β2)·g²,
   Γ = m' / sqrt(v' + ε) — ε *inside* the root and no bias correction.

@@ -3,7 +3,7 @@
 LESS compares examples by the cosine of their (Adam-mapped) LoRA gradients. n is large (134M for
 LESS's 7B LoRA), so every gradient is projected to d dimensions (default 8192) by a random linear map
 that approximately preserves inner products; the caller L2-normalises the rows afterwards
-(DESIGN.md §2.3). The map is applied parameter by parameter: `Projector.add(name, grad, out)` adds
+(docs/design.md §2.3). The map is applied parameter by parameter: `Projector.add(name, grad, out)` adds
 one parameter's contribution to the (b, d) output, so the gradients of a large model are never
 concatenated into one (b, n) tensor.
 
