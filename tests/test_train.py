@@ -56,7 +56,7 @@ def setup(tmp_path_factory) -> dict:
     tokenizer.save_pretrained(root / "model")
     pool = write_jsonl(root / "pool.jsonl", [conversation(i) for i in range(40)])
     config = WarmupConfig(data=[str(pool)], model=str(root / "model"), out=str(root / "run-a"), examples=24,
-                          epochs=2, batch_size=8, lora_r=4, lora_alpha=16, lr=1e-3, max_tokens=96, seed=3)
+                          epochs=2, batch_size=8, lora_r=4, lora_alpha=16, lr=1e-3, max_batch_size=4, seed=3)
     checkpoints = run_warmup(config)
     return {"root": root, "pool": pool, "model": root / "model", "config": config, "checkpoints": checkpoints}
 
@@ -162,8 +162,8 @@ def test_warmup_refuses_a_run_folder_with_other_settings(setup):
     with pytest.raises(PoiseError, match="other settings \\(lr\\)") as info:
         run_warmup(changed)
     assert "\n" not in str(info.value)
-    # execution settings may change (e.g. a smaller token budget after running out of memory)
-    assert run_warmup(dataclasses.replace(setup["config"], max_tokens=48, max_batch_size=2))
+    # execution settings may change (e.g. a smaller micro-batch after running out of memory)
+    assert run_warmup(dataclasses.replace(setup["config"], max_batch_size=2))
     # --overwrite starts over (in a copy: other tests read run-a)
     copy = setup["root"] / "run-c"
     shutil.copytree(setup["config"].out, copy)

@@ -91,14 +91,16 @@ class DataConfig:
 
     max_seq_length: int = _f(2048, "truncate every example to this many tokens")
     template: str = _f("auto", "chat template of the tokenizer (auto/chat) or the tulu format", choices=TEMPLATES)
-    max_tokens: int = _f(2048, "token budget of a batch (batch size x longest sequence); memory grows ~2.7 MB "
-                         "per padded token for SmolLM2-135M in float32 (vocab 49K): raise it on GPUs")
-    max_batch_size: int = _f(16, "most examples in a batch")
+    max_batch_size: int = _f(16, "most examples in one forward pass (training: gradient accumulation reaches "
+                                 "--batch-size)")
 
 
 @dataclass
 class FeaturesConfig(DataConfig):
     """`poise features`: per-example LoRA gradient features (or RDS representations) of a data set."""
+
+    max_tokens: int = _f(2048, "token budget of a batch (batch size x longest sequence); memory grows ~2.7 MB "
+                         "per padded token for SmolLM2-135M in float32 (vocab 49K): raise it on GPUs")
 
     data: list[str] = _f([], "data files or folders (JSONL, JSON, parquet, datasets folder) or a hub data set "
                          "org/name[@config][:split]", required=True)

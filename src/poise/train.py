@@ -58,7 +58,7 @@ IMPORT_SOURCE = "hf-trainer import"
 
 #: Settings that only change how a step is computed (micro-batching, placement), not what it computes:
 #: they may change between a run and its resumption (e.g. a smaller --max-tokens after running out of memory).
-_EXECUTION_SETTINGS = ("overwrite", "device", "max_tokens", "max_batch_size")
+_EXECUTION_SETTINGS = ("overwrite", "device", "max_batch_size")
 
 #: Wrapper segments that FSDP, activation checkpointing, torch.compile and DDP put into parameter names.
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -202,12 +202,6 @@ def _settings(config: WarmupConfig | TrainConfig) -> dict[str, Any]:
 
 def _differences(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-
-
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (for the per-epoch dropout RNG)."""
-    digest = hashlib.sha256(json.dumps(list(parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def subset_indices(n_pool: int, count: int, seed: int) -> list[int]:
