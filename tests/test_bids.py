@@ -9,6 +9,7 @@ import pytest
 from oracles import bids_naive, normalize_naive
 
 from poise import AttributionMatrix, select
+from poise.errors import PoiseError
 from poise.selection.bids import bids_fast
 
 
@@ -75,15 +76,36 @@ def test_rounding_ties_between_distinct_values_resolve_like_the_naive_loop() -> 
     assert fast.rows.tolist() == bids_naive(scores, 6)[0]
 
 
-def test_zero_variance_column_normalises_to_zeros_with_a_warning() -> None:
+def test_zero_variance_column_takes_no_part_in_the_selection() -> None:
     scores = np.random.default_rng(0).normal(size=(30, 3)).astype(np.float32)
     scores[:, 1] = 4.2
-    with pytest.warns(UserWarning, match="zero variance"):
-        matrix = AttributionMatrix(scores, [0, 1, 2], ["a", "b", "c"])
-        normalized = matrix.normalized()
-    assert np.all(normalized[:, 1] == 0.0)
+    matrix = AttributionMatrix(scores, [0, 1, 2], ["a", "b", "c"])
+    normalized = matrix.normalized()
+    assert np.all(normalized[:, 1] == 0.0)  # the analyses see zeros
     np.testing.assert_allclose(normalized, normalize_naive(scores), rtol=1e-5, atol=1e-6)
-    assert bids_fast(matrix, 30).rows.tolist() == bids_naive(normalized, 30)[0]
+    with pytest.warns(UserWarning, match=r"1 validation column\(s\) are constant over the pool \(1\); they take no "
+                                         r"part in the selection"):
+        selection = select(matrix, "bids", 30)
+    # the naive loop on the matrix without the constant column: the same picks, column indices of the full matrix
+    rows, _, columns = bids_naive(normalized[:, [0, 2]], 30)
+    assert selection.indices.tolist() == rows
+    assert [p["column"] for p in selection.trace] == [[0, 2][j] for j in columns]
+    assert all(p["column"] != 1 for p in selection.trace)
+
+
+def test_a_constant_column_does_not_make_picks_follow_row_order() -> None:
+    matrix = AttributionMatrix(np.array([[1, 5], [2, 5], [3, 5]], np.float32), ["x", "y"], ["a", "b"])
+    with pytest.warns(UserWarning, match="constant"):
+        assert select(matrix, "bids", 3).indices.tolist() == [2, 1, 0]  # was [2, 0, 1]: gain 0 from column y
+    with pytest.warns(UserWarning, match="constant"):
+        assert select(matrix, "instance-max", 3, normalize=True).indices.tolist() == [2, 1, 0]
+    assert select(matrix, "instance-max", 3).indices.tolist() == [0, 1, 2]  # raw: all rows max 5, ties by row
+
+
+def test_every_column_constant_is_one_error() -> None:
+    matrix = AttributionMatrix(np.full((4, 2), 3.0, np.float32), ["x", "y"], ["a", "b"])
+    with pytest.raises(PoiseError, match="every validation column is constant"):
+        select(matrix, "bids", 2)
 
 
 def test_gains_may_turn_negative_and_the_budget_is_still_filled() -> None:

@@ -151,14 +151,6 @@ class AttributionMatrix:
             std = np.sqrt(m2 / self.n_rows)
             std[constant] = 0.0
             std[~constant & (std == 0.0)] = np.finfo(np.float64).tiny
-            zero = np.flatnonzero(constant)
-            if zero.size:
-                names = ", ".join(str(self.column_ids[j]) for j in zero[:5])
-                more = "" if zero.size <= 5 else f" and {zero.size - 5} more"
-                warn(
-                    f"{self.source or 'scores'}: {zero.size} validation column(s) have zero variance "
-                    f"({names}{more}); they normalise to all zeros"
-                )
             self._stats = ColumnStats(mean=mean, std=std)
         return self._stats
 
@@ -190,7 +182,11 @@ class AttributionMatrix:
         unknown = [t for t in tasks if t not in known]
         if unknown:
             raise PoiseError(f"unknown task {unknown[0]!r}; the matrix has tasks: {', '.join(known)}")
-        keep = np.flatnonzero(np.isin(np.array(self.tasks, dtype=object), list(tasks)))
+        return self.select_columns(np.flatnonzero(np.isin(np.array(self.tasks, dtype=object), list(tasks))))
+
+    def select_columns(self, keep: np.ndarray | Sequence[int]) -> AttributionMatrix:
+        """The matrix restricted to the given columns, in the given order (scores copied into RAM)."""
+        keep = np.asarray(keep, dtype=np.int64)
         return AttributionMatrix(
             scores=np.ascontiguousarray(self.scores[:, keep]),
             column_ids=[self.column_ids[j] for j in keep],

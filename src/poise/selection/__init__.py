@@ -18,7 +18,7 @@ import numpy as np
 
 from poise import __version__
 from poise.attribution import AttributionMatrix
-from poise.errors import PoiseError
+from poise.errors import PoiseError, warn
 from poise.io import atomic_write_json, atomic_write_lines, read_json
 from poise.selection import bids as _bids  # noqa: F401  (registers "bids")
 from poise.selection import rules as _rules  # noqa: F401  (registers the top-B rules)
@@ -90,7 +90,12 @@ def select(
         matrix = matrix.select_tasks(tasks)
     count = parse_budget(budget, matrix.n_rows)
     do_normalize = spec.normalize_default if normalize is None else bool(normalize)
-    picks: Picks = spec.fn(matrix, count, Context(normalize=do_normalize, seed=seed, progress=progress))
+    columns = np.arange(matrix.n_columns)  # the columns the method sees, as indices of `matrix`
+    scored = matrix
+    if do_normalize and method != "random":
+        scored, columns = _without_constant_columns(matrix)
+    picks: Picks = spec.fn(scored, count, Context(normalize=do_normalize, seed=seed, progress=progress))
+    picks.columns = np.where(picks.columns < 0, picks.columns, columns[np.maximum(picks.columns, 0)])
     trace = []
     for rank, (row, score, col) in enumerate(zip(picks.rows.tolist(), picks.scores.tolist(),
                                                  picks.columns.tolist(), strict=True)):
@@ -128,6 +133,27 @@ def select(
         normalize=do_normalize,
         arguments=arguments,
     )
+
+
+def _without_constant_columns(matrix: AttributionMatrix) -> tuple[AttributionMatrix, np.ndarray]:
+    """The matrix without its zero-variance columns, and the indices of the columns kept.
+
+    A constant column says nothing about any row: normalised it is all zeros and would offer every row the
+    same gain, so once every other gain is negative the picks would follow row order. It takes no part in a
+    normalised selection (BIDS, normalised top-B rules); every column constant is an error.
+    """
+    zero = matrix.column_stats().zero_variance
+    if not zero.any():
+        return matrix, np.arange(matrix.n_columns)
+    if zero.all():
+        raise PoiseError(f"{matrix.source or 'scores'}: every validation column is constant (zero variance over "
+                         "the pool): the scores say nothing about any row")
+    names = [str(matrix.column_ids[j]) for j in np.flatnonzero(zero)]
+    listing = ", ".join(names[:5]) + ("" if len(names) <= 5 else f" and {len(names) - 5} more")
+    warn(f"{matrix.source or 'scores'}: {len(names)} validation column(s) are constant over the pool ({listing}); "
+         "they take no part in the selection")
+    keep = np.flatnonzero(~zero)
+    return matrix.select_columns(keep), keep
 
 
 def _as_number(budget: int | float | str) -> int | float | str:
