@@ -41,3 +41,34 @@ def normalize_naive(scores: np.ndarray) -> np.ndarray:
     out = (a - mean) / safe
     out[:, std == 0] = 0.0
     return out
+
+
+# ------------------------------------------------------------------------------ LESS's labels, from its paper/code
+def _tulu_text(messages: list[dict], eos: str) -> str:
+    parts = {"system": "<|system|>\n{}\n", "user": "<|user|>\n{}\n", "assistant": "<|assistant|>\n{}" + eos + "\n"}
+    return "".join(parts[m["role"]].format(m["content"].strip()) for m in messages)
+
+
+def less_tulu_encoding(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """LESS / open-instruct `encode_with_messages_format`, restated: the tulu text stripped at the end, tokenised
+    with the tokenizer's special tokens; each non-assistant message, up to and including the assistant header
+    that follows it, is masked (-100); every other token is a target."""
+    ids = tokenizer(_tulu_text(messages, tokenizer.eos_token).strip())["input_ids"]
+    labels = list(ids)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            continue
+        start = 0 if i == 0 else len(tokenizer(_tulu_text(messages[:i], tokenizer.eos_token))["input_ids"])
+        upto = _tulu_text(messages[:i + 1], tokenizer.eos_token)
+        if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant":
+            upto += "<|assistant|>\n"
+        end = min(len(tokenizer(upto)["input_ids"]), len(labels))  # a tensor slice stops at the end
+        labels[start:end] = [-100] * (end - start)
+    return ids, labels
+
+
+def less_plain_encoding(prompt: str, completion: str, tokenizer) -> tuple[list[int], list[int]]:
+    """LESS's validation rows: prompt + completion with no template and no EOS; the prompt's tokens masked."""
+    ids = tokenizer(prompt + completion)["input_ids"]
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    return ids, [-100] * n_prompt + ids[n_prompt:]

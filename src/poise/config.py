@@ -90,7 +90,9 @@ class DataConfig:
     """How examples become token sequences (shared by warmup and features)."""
 
     max_seq_length: int = _f(2048, "truncate every example to this many tokens")
-    template: str = _f("auto", "chat template of the tokenizer (auto/chat) or the tulu format", choices=TEMPLATES)
+    template: str = _f("auto", "the tokenizer's chat template (auto/chat), the tulu format (tulu), tulu labelled as "
+                       "LESS does (tulu-less), or prompt + completion with no template (plain: LESS's validation "
+                       "rows)", choices=TEMPLATES)
     max_batch_size: int = _f(16, "most examples in one forward pass (training: gradient accumulation reaches "
                                  "--batch-size)")
 

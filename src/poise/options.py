@@ -25,8 +25,9 @@ Projection = Literal["sjlt", "rademacher", "none"]
 Pooling = Literal["last", "mean"]
 """RDS representation: last non-pad token (LESS's RDS) or attention-masked mean (RDS+)."""
 
-Template = Literal["auto", "chat", "tulu"]
-"""Rendering: the tokenizer's chat template when it has one (auto), always it (chat), or the tulu format."""
+Template = Literal["auto", "chat", "tulu", "tulu-less", "plain"]
+"""Rendering: the tokenizer's chat template when it has one (auto), always it (chat), the tulu format (tulu), the
+tulu format labelled exactly as LESS labels it (tulu-less), or prompt + completion with no template (plain)."""
 
 DType = Literal["float32", "bfloat16", "float16"]
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from poise.data.formats import IGNORE_INDEX, Example
 from poise.errors import PoiseError, warn
-from poise.options import Template
+from poise.options import TEMPLATES, Template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -138,18 +138,23 @@ class _Encoder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate, max_seq_length: int) -> None:
         if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1:
             raise PoiseError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
-        if template not in ("auto", "chat", "tulu"):
-            raise PoiseError(f"unknown template {template!r} (expected auto, chat, tulu)")
+        if template not in TEMPLATES:
+            raise PoiseError(f"unknown template {template!r} (expected {', '.join(TEMPLATES)})")
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if template == "chat" and not has_chat:
             raise PoiseError("template 'chat' was asked for but the tokenizer has no chat template; "
                              "use 'tulu' or 'auto'")
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
-        self.kind = "chat" if template == "chat" or (template == "auto" and has_chat) else "tulu"
+        self.kind = "chat" if template == "chat" or (template == "auto" and has_chat) else \
+            template if template in ("tulu-less", "plain") else "tulu"
+        # LESS's labels (open-instruct's encode_with_messages_format, and its prompt + completion validation
+        # rows): the text is stripped at the end, and every token after a masked segment is a target, so the
+        # newline after an EOS that ends a non-final assistant turn is trained on. Nothing is trimmed.
+        self.less = self.kind in ("tulu-less", "plain")
         self.eos = tokenizer.eos_token or ""
         self.prefix: list[int] = []
-        if self.kind == "tulu" and tokenizer.bos_token_id is not None:
+        if self.kind != "chat" and tokenizer.bos_token_id is not None:
             probe = tokenizer("a", add_special_tokens=True)["input_ids"]
             if probe[:1] == [tokenizer.bos_token_id]:  # the tokenizer adds BOS itself (Llama); LESS keeps it
                 self.prefix = [tokenizer.bos_token_id]
@@ -166,8 +171,10 @@ class _Encoder:
 
     # -------------------------------------------------------------------------------- rendering
     def render(self, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
-        if self.kind == "tulu":
+        if self.kind in ("tulu", "tulu-less"):
             return render_tulu(messages, self.eos, add_generation_prompt)
+        if self.kind == "plain":  # LESS's validation rows: prompt + completion, no template, no EOS
+            return "".join(m["content"] for m in messages)
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
@@ -182,6 +189,8 @@ class _Encoder:
     def plan(self, example: Example) -> _Plan:
         messages = example.messages or []
         full = self.render(messages, False, example.where)
+        if self.kind == "tulu-less":
+            full = full.strip()  # as LESS: the last turn's newline is not in the text
         turns = []
         for k, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -197,7 +206,7 @@ class _Encoder:
 
     def _head(self, messages: list[dict], k: int, end: str, where: str) -> str:
         """The text before the content of assistant message k: messages[:k] and the assistant header."""
-        if self.kind == "tulu" or (k > 0 and self.generation_prompt):
+        if self.kind != "chat" or (k > 0 and self.generation_prompt):
             return self.render(messages[:k], True, where)
         # a chat template cannot render an empty conversation (k = 0), and one without a generation prompt
         # cannot render the header alone: cut the rendered turn just before its content instead
@@ -236,7 +245,8 @@ class _Encoder:
                                       example)
             labels = [IGNORE_INDEX] * len(full_ids)
             for start, end in spans:
-                end = self._trim_blank_tail(full_ids, start, end)
+                if not self.less:
+                    end = self._trim_blank_tail(full_ids, start, end)
                 labels[start:end] = full_ids[start:end]
             if not plan.turns:
                 results.append(self._finish(self.prefix + full_ids, [IGNORE_INDEX] * len(self.prefix) + labels,
