@@ -259,6 +259,9 @@ class _Encoder:
                      example: Example) -> list[tuple[int, int]]:
         spans = []
         for head, end in prefix_ids:
+            if self.less:  # LESS masks by the token counts of the prefixes, even where a token straddles a boundary
+                spans.append((len(head), len(end)))
+                continue
             if full_ids[:len(head)] != list(head) or full_ids[:len(end)] != list(end):
                 return self._offset_spans(plan, example)
             spans.append((len(head), len(end)))
