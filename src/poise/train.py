@@ -550,7 +550,8 @@ def train_lora(config: Any, hyper: Any, tokenizer: Any, tokenized: Sequence[Any]
     arguments.update(extra)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # the Trainer's own info lines; poise says what matters
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the Trainer's own info lines while training; poise says what matters
     record = Record()
     trainer = LoraTrainer(
         model=model, args=TrainingArguments(**arguments), train_dataset=Examples(),
@@ -561,7 +562,10 @@ def train_lora(config: Any, hyper: Any, tokenizer: Any, tokenized: Sequence[Any]
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; poise's progress says it once
     with track(label, total_steps, unit="steps", done=resumed_step, enabled=main) as tracker:
         record.tracker = tracker
-        result = trainer.train(resume_from_checkpoint=resume)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     if metrics is not None:
         metrics.update(result.metrics)
     distributed.barrier()
