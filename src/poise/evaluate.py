@@ -39,8 +39,6 @@ CODE_TASKS = ("humaneval", "mbpp")
 RESULTS_FILE = "results.json"
 SCORES_FILE = "scores.json"
 TASK_PREFIX = "poise_"
-#: Per local capability: the metric that ranks runs (higher is better) and the others shown.
-LOCAL_METRICS = ("acc", "exact_match", "nll")
 #: Metrics where lower is better, when lm-eval's results do not say.
 LOWER_IS_BETTER = ("nll", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
@@ -101,18 +99,20 @@ def local_task_files(data: list[str]) -> dict[str, Path]:
     return files
 
 
-def write_local_tasks(files: dict[str, Path], tokenizer: Any, folder: Path, template: str = "auto",
+def write_local_tasks(items: dict[str, tuple[Path, list[dict]]], tokenizer: Any, folder: Path, template: str = "auto",
                       max_gen_toks: int = 32) -> list[str]:
-    """Write lm-eval task YAMLs (+ their documents) for local capabilities; returns the lm-eval task names."""
+    """Write lm-eval task YAMLs (+ their documents) for local capabilities; returns the lm-eval task names.
+
+    `items` maps each capability to its file and the items `read_items` read from it."""
     from poise.data.templates import render_prompt
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "poise_tasks.py", _PROCESS_RESULTS)
     stop = [s for s in {tokenizer.eos_token, "\n\n"} if s]
     names = []
-    for capability, path in files.items():
+    for capability, (path, held_out) in items.items():
         docs = []
-        for item in read_items(path):
+        for item in held_out:
             context = render_prompt(item["messages"], tokenizer, template, where=f"{path} (id {item['id']})")
             # answer tokens exactly as lm-eval's HFLM splits them: encode(context + answer) minus encode(context)
             n_answer = len(tokenizer.encode(context + item["answer"])) - len(tokenizer.encode(context))
@@ -209,9 +209,8 @@ def run_evaluate(config: Any) -> Path:
         if not (adapter / "adapter_config.json").is_file():
             raise PoiseError(f"--adapter {adapter}: not a peft adapter folder (no adapter_config.json)")
         _check_adapter_base(adapter, config.model)
-    files = local_task_files(list(config.data or []))
-    for path in files.values():
-        read_items(path)  # every item checked before any model is loaded
+    # every item read and checked before any model is loaded
+    items = {task: (path, read_items(path)) for task, path in local_task_files(list(config.data or [])).items()}
 
     if not sys.stderr.isatty():  # datasets' bars would fill a log line by line
         from datasets.utils.logging import disable_progress_bar
@@ -223,7 +222,7 @@ def run_evaluate(config: Any) -> Path:
     from lm_eval.tasks import TaskManager
 
     task_dir = out / "tasks"
-    local = write_local_tasks(files, tokenizer, task_dir, config.template, config.max_gen_toks) if files else []
+    local = write_local_tasks(items, tokenizer, task_dir, config.template, config.max_gen_toks) if items else []
     manager = TaskManager(include_path=str(task_dir.resolve()) if local else None)
     names = local + resolve_tasks(list(config.tasks or []), manager, config.allow_code_execution)
     if config.allow_code_execution:

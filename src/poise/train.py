@@ -74,6 +74,13 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return math.ceil(total_steps * warmup_ratio)
 
 
+def schedule(n_examples: int, hyper: Any) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, warm-up steps) for `n_examples` trained `hyper.epochs` times."""
+    steps_per_epoch = math.ceil(n_examples / hyper.batch_size)
+    total_steps = steps_per_epoch * hyper.epochs
+    return steps_per_epoch, total_steps, warmup_steps(total_steps, hyper.warmup_ratio)
+
+
 def learning_rate(step: int, total_steps: int, n_warmup: int, peak: float) -> float:
     """The learning rate of optimizer step `step` (0-based): linear warm-up, then linear decay; never 0.
 
@@ -323,9 +330,7 @@ def _train(config: WarmupConfig, hyper: _Hyper, settings: dict[str, Any], out: P
     if n == 0:
         raise PoiseError(f"none of the {count} warmup examples has a target token within --max-seq-length "
                          f"{config.max_seq_length}")
-    steps_per_epoch = math.ceil(n / hyper.batch_size)
-    total_steps = steps_per_epoch * hyper.epochs
-    n_warmup = warmup_steps(total_steps, hyper.warmup_ratio)
+    steps_per_epoch, total_steps, n_warmup = schedule(n, hyper)
 
     # -- the run folder: same settings and same examples, else refuse
     arguments_path = out / ARGUMENTS_FILE
@@ -416,9 +421,7 @@ def train_lora(config: Any, hyper: Any, tokenizer: Any, tokenized: Sequence[Any]
     world = distributed.world_size()
     micro, accumulation = micro_batching(hyper.batch_size, world, config.max_batch_size)
     n = len(tokenized)
-    steps_per_epoch = math.ceil(n / hyper.batch_size)
-    total_steps = steps_per_epoch * hyper.epochs
-    n_warmup = warmup_steps(total_steps, hyper.warmup_ratio)
+    steps_per_epoch, total_steps, n_warmup = schedule(n, hyper)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     padding_side = getattr(tokenizer, "padding_side", "right") or "right"
     main = distributed.is_main()
