@@ -20,11 +20,13 @@ stderr), plus a terminal table with the macro-average and the worst task.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +197,7 @@ def scores_from_results(results: dict) -> dict[str, dict[str, dict[str, float | 
 
 def run_evaluate(config: Any) -> Path:
     """Evaluate `config.model` (+ `config.adapter`) on the asked tasks into `config.out`; returns the folder."""
-    from poise.model import load_tokenizer, model_folder
+    from poise.model import load_adapter, load_model, load_tokenizer
 
     missing = [f"--{k}" for k in ("model", "out") if not getattr(config, k)]
     if missing:
@@ -216,7 +218,6 @@ def run_evaluate(config: Any) -> Path:
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()
-    folder = model_folder(config.model)
     tokenizer = load_tokenizer(config.model)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -227,11 +228,14 @@ def run_evaluate(config: Any) -> Path:
     names = local + resolve_tasks(list(config.tasks or []), manager, config.allow_code_execution)
     if config.allow_code_execution:
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # what lm-eval's code tasks check
-    model_args = {"pretrained": folder, "dtype": config.dtype, "device": config.device,
-                  "batch_size": config.batch_size}
+    # the model is built here (not by lm-eval from the folder), so that `poise run` shares one load
+    model = load_model(config.model, dtype=config.dtype, device=config.device)
     if adapter is not None:
-        model_args["peft"] = str(adapter.resolve())
-    results = simple_evaluate(model=_chat_prompt_hflm()(**model_args), tasks=names, task_manager=manager,
+        model = load_adapter(model, adapter, trainable=False)
+    model.eval()
+    with _quiet_instance_warning():
+        lm = _chat_prompt_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
+    results = simple_evaluate(model=lm, tasks=names, task_manager=manager,
                               limit=config.limit, log_samples=False, random_seed=config.seed,
                               numpy_random_seed=config.seed, torch_random_seed=config.seed,
                               fewshot_random_seed=config.seed,
@@ -246,6 +250,26 @@ def run_evaluate(config: Any) -> Path:
         "label": config.label or (adapter.name if adapter else "base"), "scores": scores,
     })
     return out
+
+
+@contextlib.contextmanager
+def _quiet_instance_warning() -> Iterator[None]:
+    """lm-eval warns that a model passed as an object ignores its loading arguments: poise loads it itself."""
+    import logging
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "is not of type `str`" not in record.getMessage()
+
+    loggers = [logging.getLogger("lm_eval.models.huggingface")]
+    drop = Drop()
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 def _chat_prompt_hflm() -> type:

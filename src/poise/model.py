@@ -304,23 +304,65 @@ def load_tokenizer(model: str):
     """The model's tokenizer, with a pad token (the EOS when it has none, as SmolLM2 does)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_folder(model))
+    folder = model_folder(model)
+    key = (os.path.realpath(folder), "tokenizer")
+    if _SHARED is not None and key in _SHARED:
+        import copy
+
+        return copy.deepcopy(_SHARED[key])  # a stage may change its tokenizer (padding side)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if _SHARED is not None:
+        import copy
+
+        _SHARED[key] = copy.deepcopy(tokenizer)
     return tokenizer
 
 
+#: Within `shared_models()`: (folder, dtype) -> the base model loaded once, kept on the CPU.
+_SHARED: dict[tuple[str, str], Any] | None = None
+
+
+@contextlib.contextmanager
+def shared_models() -> Iterator[None]:
+    """Within the block, each base model is read from disk once; `load_model` hands out copies of it.
+
+    `poise run` wraps its stages in this: warmup, features of every checkpoint, training of every
+    selection and evaluation of every run then share one load. Each stage gets its own copy (a stage
+    attaches LoRA layers to the model it is given), so the stages stay independent of each other.
+    """
+    global _SHARED
+    outer = _SHARED
+    _SHARED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
 def load_model(model: str, dtype: str = "float32", device: str = "cpu"):
-    """The base causal LM in eval mode on `device`."""
+    """The base causal LM in eval mode on `device` (a copy of the shared one within `shared_models()`)."""
+    folder = model_folder(model)  # a first GGUF conversion or hub download says so on stderr
+    if _SHARED is None:
+        return _load_from(folder, model, dtype).to(device).eval()
+    key = (os.path.realpath(folder), dtype)
+    if key not in _SHARED:
+        _SHARED[key] = _load_from(folder, model, dtype).eval()
+    import copy
+
+    return copy.deepcopy(_SHARED[key]).to(device).eval()
+
+
+def _load_from(folder: str, model: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    folder = model_folder(model)  # a first GGUF conversion or hub download says so on stderr
     with _quiet_progress_bars():  # a sub-second "Loading weights" bar per command is noise
         try:
             loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
         except OSError as exc:
             raise PoiseError(f"model {model!r}: cannot load ({str(exc).splitlines()[0]})") from None
-    return loaded.to(device).eval()
+    return loaded
 
 
 def attach_lora(
