@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 import time
 import typing
@@ -274,6 +276,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from poise.pipeline import STAGES
+
+    parser.add_argument("config", metavar="CONFIG.yaml",
+                        help="the run config (a YAML file; 'demo' is the one poise ships, on its demo data)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a config key, value in YAML syntax, e.g. --set select.budgets=[0.1,0.15] "
+                             "(repeatable)")
+    parser.add_argument("--from", dest="from_stage", choices=STAGES, metavar="STAGE",
+                        help=f"rerun this stage and every later one even when up to date ({', '.join(STAGES)})")
+    parser.add_argument("--until", choices=STAGES, metavar="STAGE", help="stop after this stage")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from poise import distributed
+    from poise.pipeline import run, summarize
+
+    result = run(args.config, overrides=args.overrides, from_stage=args.from_stage, until=args.until)
+    if distributed.is_main():
+        summarize(result, Console(soft_wrap=True))
+    return 0
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=("demo",), help="demo: poise's embedded multi-capability demo data")
+    parser.add_argument("--out", required=True, help="output folder: pool.jsonl, validation/, heldout/")
+    parser.add_argument("--pool-size", type=int, default=300, help="examples in the pool (default: 300)")
+    parser.add_argument("--validation-per-task", type=int, default=8, help="validation examples per task (default: 8)")
+    parser.add_argument("--heldout-per-task", type=int, default=20,
+                        help="held-out evaluation items per task (default: 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generators and the sampling (default: 0)")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from poise.data.demo import write_demo_data
+
+    summary = write_demo_data(args.out, pool_size=args.pool_size, validation_per_task=args.validation_per_task,
+                              heldout_per_task=args.heldout_per_task, seed=args.seed)
+    print(f"demo data: {args.out} ({json.dumps(summary.get('counts', summary), default=str)[:400]})")
+    return 0
+
+
+#: Commands whose arguments are not one config class: name -> (add arguments, run, help).
+SPECIAL: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
+    "run": (add_run_arguments, cmd_run, "the whole pipeline from one config, resumable (warmup ... report)"),
+    "data": (add_data_arguments, cmd_data, "write poise's demo data (pool, validation and held-out files)"),
+}
+
+
 COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], int], str]] = {
     "warmup": (WarmupConfig, cmd_warmup, "LoRA warmup training with per-epoch checkpoints (adapter + Adam moments)"),
     "train": (TrainConfig, cmd_train, "LoRA fine-tuning on a selection (BIDS defaults: 2 epochs, cosine, lr 2e-5)"),
@@ -296,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"poise {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add, _, help_text) in SPECIAL.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
     for name, (cls, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
         p.add_argument("--config", metavar="FILE.yaml", help="read settings from a YAML file (flags override)")
@@ -333,14 +388,19 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if not sys.stderr.isatty():
+        # tqdm reads TQDM_* once, when it is imported: lm-eval's and datasets' bars would fill a log line by
+        # line; poise's own progress (rich) writes a line now and then instead
+        os.environ.setdefault("TQDM_DISABLE", "1")
     parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
-    if words and not words[0].startswith("-") and words[0] not in COMMANDS:
+    commands = [*SPECIAL, *COMMANDS]
+    if words and not words[0].startswith("-") and words[0] not in commands:
         import difflib
 
-        close = difflib.get_close_matches(words[0], list(COMMANDS), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(words[0], commands, n=1, cutoff=0.6)
         parser.print_usage(sys.stderr)
-        hint = f"did you mean {close[0]}?" if close else f"the commands are {', '.join(COMMANDS)}"
+        hint = f"did you mean {close[0]}?" if close else f"the commands are {', '.join(commands)}"
         print(f"poise: error: unknown command {words[0]!r}; {hint}", file=sys.stderr)
         return 2
     args, extras = parser.parse_known_args(words)
@@ -351,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     warnings.showwarning = _show_warning
     try:
-        return COMMANDS[args.command][1](args)
+        command = SPECIAL[args.command][1] if args.command in SPECIAL else COMMANDS[args.command][1]
+        return command(args)
     except PoiseError as exc:
         print(f"poise: error: {exc}", file=sys.stderr)
         return 2

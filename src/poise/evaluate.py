@@ -233,13 +233,13 @@ def run_evaluate(config: Any) -> Path:
     if adapter is not None:
         model = load_adapter(model, adapter, trainable=False)
     model.eval()
-    with _quiet_instance_warning():
+    with _quiet_lm_eval():
         lm = _chat_prompt_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
-    results = simple_evaluate(model=lm, tasks=names, task_manager=manager,
-                              limit=config.limit, log_samples=False, random_seed=config.seed,
-                              numpy_random_seed=config.seed, torch_random_seed=config.seed,
-                              fewshot_random_seed=config.seed,
-                              confirm_run_unsafe_code=bool(config.allow_code_execution))
+        results = simple_evaluate(model=lm, tasks=names, task_manager=manager,
+                                  limit=config.limit, log_samples=False, random_seed=config.seed,
+                                  numpy_random_seed=config.seed, torch_random_seed=config.seed,
+                                  fewshot_random_seed=config.seed,
+                                  confirm_run_unsafe_code=bool(config.allow_code_execution))
     if results is None:  # pragma: no cover - non-zero ranks
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -253,15 +253,17 @@ def run_evaluate(config: Any) -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_instance_warning() -> Iterator[None]:
-    """lm-eval warns that a model passed as an object ignores its loading arguments: poise loads it itself."""
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval warns that a model passed as an object ignores its loading arguments: poise loads it itself.
+    (Its tqdm bars are switched off without a terminal by the `poise` command, see `cli.main`.)"""
     import logging
 
     class Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return "is not of type `str`" not in record.getMessage()
+            message = record.getMessage()
+            return "is not of type `str`" not in message and "Passed an already-initialized model" not in message
 
-    loggers = [logging.getLogger("lm_eval.models.huggingface")]
+    loggers = [logging.getLogger(name) for name in ("lm_eval.models.huggingface", "lm_eval.evaluator")]
     drop = Drop()
     for logger in loggers:
         logger.addFilter(drop)

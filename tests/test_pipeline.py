@@ -1,0 +1,215 @@
+"""`poise run`: every stage on a tiny model; resume after SIGKILL equals an uninterrupted run; a changed
+setting reruns only the stages it reaches; every bad config fails before a model is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_fixtures import conversation, write_pool
+from tiny import tiny_llama, tiny_tokenizer, write_jsonl
+
+from poise import pipeline
+from poise.cli import main
+from poise.errors import PoiseError
+
+pytest.importorskip("lm_eval")
+
+TASKS = ("math", "code")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """A tiny model, a 24-example pool, 3 validation and 2 held-out items per task."""
+    root = tmp_path_factory.mktemp("pipeline")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_pool(root / "pool.jsonl", 24)
+    for k, task in enumerate(TASKS):
+        write_jsonl(root / "validation" / f"{task}.jsonl", [conversation(100 + 10 * k + i, 3 + i) for i in range(3)])
+        write_jsonl(root / "heldout" / f"{task}.jsonl",
+                    [{"id": f"{task}{i}", "prompt": conversation(300 + 10 * k + i, 3)["messages"][0]["content"],
+                      "answer": "alpha beta"} for i in range(2)])
+    return root
+
+
+def config(inputs: Path, out: Path, **changes) -> dict:
+    data = {
+        "model": str(inputs / "model"), "pool": str(inputs / "pool.jsonl"), "validation": str(inputs / "validation"),
+        "evaluation": str(inputs / "heldout"), "out": str(out), "max_seq_length": 64,
+        "warmup": {"epochs": 2, "fraction": 0.5, "batch_size": 4, "lora_r": 4, "lora_alpha": 8},
+        "features": {"dim": 32, "max_batch_size": 4},
+        "select": {"methods": ["bids", "task-max", "random"], "budgets": ["0.25"]},
+        "train": {"epochs": 1, "batch_size": 4, "lora_r": 4, "lora_alpha": 8},
+        "evaluate": {"max_gen_toks": 4, "batch_size": 2},
+    }
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            data[section][name] = value
+        else:
+            data[section] = value
+    return data
+
+
+def outputs(run: Path) -> dict:
+    """The numbers a user reads off a run: every selection's picks and every evaluation's scores."""
+    picks = {p.parent.name: json.loads(p.read_text())["indices"] for p in sorted(run.glob("selections/*/selection.json"))}
+    scores = {p.parent.name: json.loads(p.read_text())["scores"] for p in sorted(run.glob("evaluation/*/scores.json"))}
+    return {"picks": picks, "scores": scores}
+
+
+@pytest.fixture(scope="module")
+def complete_run(inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    result = pipeline.run(config(inputs, out))
+    assert set(result.actions.values()) == {"ran"}
+    return out
+
+
+def test_run_writes_every_stage_and_a_rerun_skips_them_all(complete_run, inputs, capsys) -> None:
+    run = complete_run
+    for folder in ("warmup/checkpoint-1", "warmup/checkpoint-2", "features/checkpoint-1/train",
+                   "features/checkpoint-2/val", "attribution", "selections/bids-0.25", "selections/task-max-0.25",
+                   "selections/random-0.25", "training/bids-0.25", "training/random-0.25", "evaluation/base",
+                   "evaluation/bids-0.25", "report"):
+        assert (run / folder).is_dir(), folder
+        assert (run / folder / "arguments.json").is_file() or folder.startswith("warmup/"), folder
+    assert (run / "report" / "report.html").is_file()
+    assert (run / "config.yaml").is_file()
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["warmup"]["epochs"] == 2 and resolved["train"]["lr_scheduler"] == "cosine"  # defaults filled in
+    scores = json.loads((run / "evaluation" / "bids-0.25" / "scores.json").read_text())["scores"]
+    assert set(scores) == set(TASKS) and "nll" in scores["math"] and "exact_match" in scores["math"]
+
+    # the rerun through the command line: everything up to date, the summary printed
+    capsys.readouterr()
+    path = run.parent / "config.yaml"
+    path.write_text(yaml.safe_dump(config(inputs, run)))
+    assert main(["run", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "ran" not in printed.split("\n")[0]
+    assert "macro-average" in printed and "report:" in printed
+    state = json.loads((run / "pipeline.json").read_text())["units"]
+    assert all(unit["complete"] for unit in state.values())
+
+
+def test_changing_a_select_setting_reruns_only_the_units_it_reaches(complete_run, inputs, tmp_path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(complete_run, run)
+    before = outputs(run)
+    result = pipeline.run(config(inputs, run, select__seed=7))
+    ran = {name for name, action in result.actions.items() if action == "ran"}
+    # the seed changes only the random selection: it, its training and evaluation, and the report rerun
+    assert ran == {"selections/random-0.25", "training/random-0.25", "evaluation/random-0.25", "report"}
+    after = outputs(run)
+    assert after["picks"]["bids-0.25"] == before["picks"]["bids-0.25"]
+    assert after["picks"]["random-0.25"] != before["picks"]["random-0.25"]
+
+    # a setting every selection reads: all selections and what follows rerun, nothing before them
+    result = pipeline.run(config(inputs, run, select__seed=7, select__budgets=["0.5"]))
+    stages = {name.split("/")[0] for name, action in result.actions.items() if action == "ran"}
+    assert stages == {"selections", "training", "evaluation", "report"}
+    assert {n for n, a in result.actions.items() if a == "ran" and n.startswith("evaluation")} == \
+        {"evaluation/bids-0.5", "evaluation/task-max-0.5", "evaluation/random-0.5"}  # base is unchanged
+
+
+def test_sigkill_during_features_then_rerun_equals_an_uninterrupted_run(complete_run, inputs, tmp_path) -> None:
+    run = tmp_path / "run"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config(inputs, run)))
+    command = [sys.executable, "-m", "poise", "run", str(path)]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
+                            env={**os.environ, "POISE_KILL_AFTER_WRITES": "2"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    state = json.loads((run / "pipeline.json").read_text())["units"]
+    assert state["warmup"]["complete"] and not state["features/checkpoint-1/train"]["complete"]
+    assert not (run / "attribution").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "features/checkpoint-1/train: resuming" in resumed.stderr
+    assert outputs(run) == outputs(complete_run)
+
+
+def test_set_overrides_from_and_until(inputs, tmp_path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config(inputs, tmp_path / "run")))
+    result = pipeline.run(path, overrides=["select.methods=[bids]", "train.methods=[bids]", "evaluate.base=false"],
+                          until="select")
+    assert result.actions["selections/bids-0.25"] == "ran"
+    assert result.actions["training/bids-0.25"] == "not reached"
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["select"]["methods"] == ["bids"]
+    again = pipeline.run(path, overrides=["select.methods=[bids]", "train.methods=[bids]", "evaluate.base=false"],
+                         from_stage="select", until="select")
+    assert again.actions["selections/bids-0.25"] == "ran"  # rerun on request
+    assert again.actions["attribution"] == "skipped"
+
+
+# ------------------------------------------------------------------------------------------- bad configs
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model or tokenizer load fails the test: a bad config must be refused before."""
+    import poise.model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(poise.model, "load_model", refuse)
+    monkeypatch.setattr(poise.model, "load_tokenizer", refuse)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"warmup__epohcs": 2}, "unknown key warmup.epohcs; did you mean 'epochs'?"),
+    ({"selcet": {}}, "unknown key 'selcet'; did you mean 'select'?"),
+    ({"warmup__out": "x"}, "warmup.out: not a setting of a run config"),
+    ({"pool": "/nonexistent/pool.jsonl"}, "pool: /nonexistent/pool.jsonl: no such file or folder"),
+    ({"select__budgets": ["1.5"]}, "select.budgets: 1.5 is a fraction of the pool and must lie in (0, 1]"),
+    ({"select__budgets": ["100"]}, "select.budgets: "),
+    ({"select__methods": ["bidz"]}, "unknown method 'bidz'; did you mean 'bids'?"),
+    ({"train__methods": ["sum"]}, "train.methods: sum not in select.methods"),
+    ({"warmup__lr": "fast"}, "warmup: lr: expected a number"),
+    ({"template": "alpaca"}, "template must be one of"),
+])
+def test_bad_config_is_one_error_before_any_model_load(inputs, tmp_path, no_model_load, change, message) -> None:
+    with pytest.raises(PoiseError) as error:
+        pipeline.run(config(inputs, tmp_path / "run", **change))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_task_files_must_match_between_validation_and_evaluation(inputs, tmp_path, no_model_load) -> None:
+    import shutil
+
+    validation, heldout = tmp_path / "validation", tmp_path / "heldout"
+    shutil.copytree(inputs / "validation", validation)
+    shutil.copytree(inputs / "heldout", heldout)
+    write_jsonl(heldout / "logic.jsonl", [{"id": "l0", "prompt": "p", "answer": "a"}])
+    with pytest.raises(PoiseError, match=r"logic.jsonl: task 'logic' has no validation file"):
+        pipeline.run(config(inputs, tmp_path / "run", validation=str(validation), evaluation=str(heldout)))
+    (heldout / "logic.jsonl").unlink()
+    (heldout / "code.jsonl").unlink()
+    with pytest.raises(PoiseError, match=r"task 'code' has no held-out file"):
+        pipeline.run(config(inputs, tmp_path / "run", validation=str(validation), evaluation=str(heldout)))
+    shutil.copy(inputs / "heldout" / "code.jsonl", heldout / "code.jsonl")
+    (validation / "code.jsonl").write_text("")
+    with pytest.raises(PoiseError, match=r"code.jsonl: empty file"):
+        pipeline.run(config(inputs, tmp_path / "run", validation=str(validation), evaluation=str(heldout)))
+
+
+def test_cli_run_errors_are_one_line(inputs, tmp_path, capsys) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config(inputs, tmp_path / "run", warmup__epohcs=2)))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"poise: error: {path}: unknown key warmup.epohcs; did you mean 'epochs'?"]
+    assert main(["run", str(path), "--set", "warmup.epohcs"]) == 2
+    assert "expected key.path=value" in capsys.readouterr().err
