@@ -63,7 +63,7 @@ class SelectConfig(MatrixConfig):
 
 @dataclass
 class ReportConfig(MatrixConfig):
-    """`poise report`: plots and an HTML page for one or more selections."""
+    """`poise report`: plots and an HTML page for one or more selections and the runs evaluated on them."""
 
     selections: list[str] = _f([], "selection folders (poise select) and/or evaluation folders (poise evaluate)",
                                positional=True)
@@ -72,17 +72,23 @@ class ReportConfig(MatrixConfig):
     title: str = _f("poise selection report", "title of the HTML page")
     embed_images: bool = _f(True, "embed the figures in report.html as data URIs, one file that opens anywhere "
                             "(the PNGs are written beside it too); --no-embed-images links the PNG files instead")
+    validation: list[str] = _f([], "validation files or folders (one JSONL per task, as given to poise features): "
+                               "only to show, beside each first pick, the text of the validation example it served")
 
 
 @dataclass
 class DemoConfig:
-    """`poise demo`: every method on the embedded synthetic default, then the report."""
+    """`poise demo`: the whole pipeline (`poise run demo`) on SmolLM2-135M-Instruct and poise's demo data: warmup,
+    features, every selection method, training on the BIDS, task-max and random selections, evaluation of them
+    and the base model on every capability, and the report. --synthetic: only the selection methods, on a
+    synthetic attribution matrix, in seconds."""
 
-    out: str = _f("runs/demo", "run directory")
-    rows: int = _f(20_000, "pool size of the synthetic attribution matrix")
-    columns_per_task: int = _f(10, "validation columns per task (7 tasks)")
-    budget: str = _f("0.1", "selection budget (count or fraction)")
-    seed: int = _f(0, "seed of the synthetic matrix and the random baseline")
+    out: str | None = _f(None, "run directory (default: runs/demo, or runs/demo-synthetic with --synthetic)")
+    synthetic: bool = _f(False, "select from a synthetic attribution matrix instead (seconds; no model)")
+    rows: int = _f(20_000, "--synthetic: pool size of the synthetic attribution matrix")
+    columns_per_task: int = _f(10, "--synthetic: validation columns per task (7 tasks)")
+    budget: str = _f("0.1", "--synthetic: selection budget (count or fraction)")
+    seed: int = _f(0, "--synthetic: seed of the synthetic matrix and the random baseline")
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""`poise demo`: every selection method on the embedded default, then the report.
+"""`poise demo`: the whole pipeline on the embedded default, or (`--synthetic`) the selection methods alone.
 
-The default is a deterministic synthetic attribution matrix with seven tasks whose influence scales
+The default is `poise run demo`: the run config poise ships (configs/demo.yaml) on SmolLM2-135M-Instruct and
+poise's demo data (poise.data.demo), ending with the selection comparison, the downstream table and the
+report. The synthetic default is a deterministic synthetic attribution matrix with seven tasks whose influence scales
 differ by an order of magnitude (like the BIDS paper's Figure 1), a matching tulu-format pool and an
 RDS similarity matrix. It shows the paper's finding in seconds: raw-influence rules pile into the
 large-scale task; BIDS spreads the budget across tasks.
@@ -33,11 +35,25 @@ DEMO_METHODS: tuple[tuple[str, str, bool | None, str], ...] = (
 )
 
 
-def run_demo(config: DemoConfig, console: Console | None = None) -> Path:
-    """Build the default inputs under `config.out`, run every method, write and summarise the report."""
+def run_demo(config: DemoConfig, console: Console | None = None) -> Path | None:
+    """The real-model demo (`poise run demo`), or the synthetic one; returns the report's path."""
+    console = console or Console(soft_wrap=True)
+    if config.synthetic:
+        return run_synthetic_demo(config, console)
+    from poise import distributed
+    from poise.pipeline import run, summarize
+
+    result = run("demo", overrides=[f"out={config.out or 'runs/demo'}"])
+    if distributed.is_main():
+        summarize(result, console)
+    return result.report
+
+
+def run_synthetic_demo(config: DemoConfig, console: Console | None = None) -> Path:
+    """Build the synthetic inputs under `config.out`, run every method, write and summarise the report."""
     console = console or Console(soft_wrap=True)
     started = time.perf_counter()
-    out = Path(config.out)
+    out = Path(config.out or "runs/demo-synthetic")
     matrix, sources = synthetic_matrix(config.rows, config.columns_per_task, seed=config.seed)
     settings = {"generator": "poise.synthetic", "rows": config.rows,
                 "columns_per_task": config.columns_per_task, "seed": config.seed}
