@@ -1,17 +1,21 @@
-"""Reports on selections: PNG figures, one HTML page, and a terminal summary table.
+"""Reports on selections and the runs trained on them: PNG figures, one HTML page, terminal tables.
 
 `build_report(matrix, selections, out_dir)` writes the figures, each once for all selections:
 `aid_comparison.png` and `aid_selections.png` (the AID per task side by side, and as small multiples,
 one panel per selection), `thi_comparison.png` and `thi_selections.png` (the same for THI),
 `coverage.png` (one panel per task) and, for two or more selections, `overlap.png`; and
-`report.html`, which shows them with the selections' settings, a per-task summary table and a table
-of each selection's first picks. Every selection keeps one colour in every figure (`plots.method_colors`).
+`report.html`, which reads top to bottom: the downstream results when evaluations are given (the BIDS
+paper's Table 2 layout with one sentence computed from the numbers, `downstream.py`), the selections'
+settings and per-task summary table, the figures, and a table of each selection's first picks - with
+the validation files, beside each pick the validation example it served, so the page shows why it was
+picked. Every selection keeps one colour in every figure (`plots.method_colors`).
 The page embeds the PNGs as data URIs by default, so it is one file that opens anywhere; the PNGs are
 written beside it all the same, and `embed_images=False` links them instead.
-`print_summary` prints the per-task table to a terminal with rich.
+`print_summary` prints the per-task table to a terminal with rich; `print_run_summary` prints it and
+the downstream tables (what `poise run` ends with).
 
 The numbers come from `poise.analysis` (BIDS paper Sections 3 and 6.2); this package only lays them
-out. matplotlib is imported when a report is built, not by `print_summary`.
+out. matplotlib is imported when a report is built, not by the terminal tables.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,14 +35,15 @@ from poise.analysis import aid_by_task, coverage, overlap, profile, task_summary
 from poise.attribution import AttributionMatrix, load_matrix
 from poise.errors import PoiseError
 from poise.io import atomic_write_bytes, atomic_write_text
+from poise.report.downstream import read_evaluation
 from poise.selection import SELECTED_FILE, SELECTION_FILE, Selection, read_selection
 
 if TYPE_CHECKING:
     from poise.config import ReportConfig
 
 __all__ = [
-    "REPORT_FILE", "build_report", "display_names", "first_picks", "preview_text", "print_summary",
-    "run_report", "summary_rows",
+    "REPORT_FILE", "ValidationTexts", "build_report", "display_names", "first_picks", "preview_text",
+    "print_run_summary", "print_summary", "read_validation", "run_report", "summary_rows",
 ]
 
 REPORT_FILE = "report.html"
@@ -126,6 +132,7 @@ def print_summary(matrix: AttributionMatrix, selections: Sequence[Selection], co
     from rich.console import Console
     from rich.table import Table
 
+    from poise.report.downstream import print_table
     from poise.report.html import format_ratio
 
     rows = summary_rows(matrix, selections)
@@ -148,20 +155,7 @@ def print_summary(matrix: AttributionMatrix, selections: Sequence[Selection], co
         thi.add_row(name, *(f"{100 * row['thi'][k]:.0f}%" for row in task_rows), format_ratio(macro["thi"][k]))
         infl.add_row(name, *(f"{row['influence'][k]:.2f}" for row in task_rows), f"{macro['influence'][k]:.2f}")
     for table in (thi, infl):
-        width: int | None = None
-        if not console.is_terminal:
-            # a pipe or log file has no width limit: print whole cells rather than squeeze them to 80 columns
-            natural = sum(
-                max([len(str(c.header))] + [len(str(cell)) for cell in c._cells]) + 3 for c in table.columns
-            )
-            width = max(console.width, natural + 1, len(str(table.title or "")))
-        previous = console.width
-        if width is not None:
-            console.width = width  # console.print(width=...) cannot exceed the console's own width
-        try:
-            console.print(table)
-        finally:
-            console.width = previous
+        print_table(table, console)
 
 
 # ----------------------------------------------------------------------------------- first picks
@@ -255,17 +249,20 @@ def _recorded_folder(selection: Selection) -> str | None:
 
 
 def first_picks(
-    selection: Selection, limit: int = PICKS_SHOWN, folder: str | os.PathLike | None = None
+    selection: Selection, limit: int = PICKS_SHOWN, folder: str | os.PathLike | None = None,
+    validation: ValidationTexts | None = None,
 ) -> list[dict[str, Any]]:
     """The first `limit` picks of a selection from its trace: `rank` (0-based), `row`, `id`, `task`,
     `column_id` (the validation example the pick served; None for random), `score` (the BIDS gain or
     the rule's score; None when there is none) and `text` (a preview of the example from the folder's
-    selected.jsonl, else None). `folder` defaults to the folder the selection records."""
+    selected.jsonl, else None). `folder` defaults to the folder the selection records. With
+    `validation`, each pick also gets `served_text`: the served validation example's first user
+    message (None when the pick serves none or its id is not in the validation files)."""
     trace = list(selection.trace[:limit])
     if not trace:  # a selection without a trace: its indices alone
         trace = [{"rank": k, "row": int(row)} for k, row in enumerate(selection.indices[:limit].tolist())]
     texts = _previews(folder if folder is not None else _recorded_folder(selection), trace)
-    return [
+    rows = [
         {
             "rank": entry.get("rank", k),
             "row": entry.get("row"),
@@ -277,6 +274,56 @@ def first_picks(
         }
         for k, (entry, text) in enumerate(zip(trace, texts, strict=True))
     ]
+    if validation is not None:
+        for row in rows:
+            row["served_text"] = validation.get(row["column_id"], row["task"])
+    return rows
+
+
+# ------------------------------------------------------------------------------ validation texts
+@dataclass
+class ValidationTexts:
+    """The first user message of every validation example, by id (and by task and id, for ids that
+    repeat across files). Only shown on the page: an id that is not here shows as a dash."""
+
+    by_task: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    by_id: dict[str, str | None] = field(default_factory=dict)
+
+    def get(self, column_id: Any, task: Any = None) -> str | None:
+        if column_id is None:
+            return None
+        key = str(column_id)
+        if task is not None and (str(task), key) in self.by_task:
+            return self.by_task[(str(task), key)]
+        return self.by_id.get(key)
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+
+def read_validation(paths: Sequence[str | os.PathLike]) -> ValidationTexts:
+    """The validation examples' texts from files or folders of validation data (one JSONL per task),
+    read as `poise features` reads them (`poise.data.formats.read_examples`), so their ids are the
+    attribution matrix's column ids: the row's "id", else "<file stem>/<index>" in a folder. A missing or
+    unreadable path is one PoiseError line naming it."""
+    from poise.data.formats import read_examples
+
+    texts = ValidationTexts()
+    for path in paths:
+        p = Path(path)
+        try:
+            if not p.exists():  # checked here: read_examples would take "a/b" for a hub data set
+                raise PoiseError(f"{path}: no such file or folder")
+            examples = read_examples(p, task=p.stem if p.is_file() else None)
+        except PoiseError as exc:
+            raise PoiseError(f"validation: {exc}") from None
+        except OSError as exc:
+            raise PoiseError(f"validation: {path}: cannot read ({exc.strerror or exc})") from None
+        for example in examples:
+            text = preview_text({"messages": example.messages}) if example.messages else None
+            texts.by_task.setdefault((str(example.task), example.id), text)
+            texts.by_id.setdefault(example.id, text)
+    return texts
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -311,14 +358,18 @@ def build_report(
     embed_images: bool = True,
     folders: Sequence[str | os.PathLike | None] | None = None,
     downstream: str = "",
+    validation: ValidationTexts | None = None,
 ) -> Path:
     """Write the figures and `report.html` for `selections` of `matrix` into `out_dir`; return the page.
 
     The PNGs are always written. With `embed_images` (the default) the page carries them as base64
     data URIs, so `report.html` is one file to share; without, it refers to them by name. `folders`
     are the selections' folders, read for a preview of the first picks' text (selected.jsonl); by
-    default the folder each selection records. Files are written atomically. Files of an earlier
-    report in `out_dir` that this one does not produce are left in place.
+    default the folder each selection records. `downstream` is HTML put at the top of the page (the
+    downstream results, `poise.report.downstream.downstream_section`). With `validation`
+    (`read_validation`), the first-picks tables show the text of the validation example each pick
+    served. Files are written atomically. Files of an earlier report in `out_dir` that this one does
+    not produce are left in place.
     """
     from matplotlib.colors import to_hex
 
@@ -387,8 +438,9 @@ def build_report(
         )
     picks = [
         PickTable(name=name, color=color, total=len(selection.indices),
-                  rows=first_picks(selection, PICKS_SHOWN, folder),
-                  score_label="gain" if selection.method == "bids" else "score")
+                  rows=first_picks(selection, PICKS_SHOWN, folder, validation=validation),
+                  score_label="gain" if selection.method == "bids" else "score",
+                  served=validation is not None)
         for name, color, selection, folder in zip(names, hex_colors, selections, folder_list, strict=True)
     ]
 
@@ -439,45 +491,61 @@ def _matrix_of(selection: Selection, config: ReportConfig) -> ReportConfig:
 
 
 def run_report(config: ReportConfig, console: Any = None) -> Path:
-    """The `poise report` stage: load the matrix and the selection folders, build the report, and
-    print the summary tables to `console` when one is given."""
-    from poise.report.downstream import (
-        DOWNSTREAM_CAPTION,
-        downstream_html,
-        downstream_page,
-        downstream_table,
-        is_evaluation,
-        print_downstream,
-        read_evaluation,
-    )
+    """The `poise report` stage: load the matrix, the selection and evaluation folders (and the
+    validation files, for the served examples' text), build the report, and print the summary tables
+    to `console` when one is given."""
+    import dataclasses
+
+    from poise.report.downstream import downstream_page, downstream_section, downstream_tables, is_evaluation
 
     if not config.out:
         raise PoiseError("--out DIR is required")
     if not config.selections:
         raise PoiseError("name at least one selection folder (poise select) or evaluation folder (poise evaluate)")
     evaluations = [read_evaluation(p) for p in config.selections if is_evaluation(p)]
-    table = downstream_table(evaluations, metric=config.metric) if evaluations else None
-    if table is not None and console is not None:
-        print_downstream(table, console)
+    tables = downstream_tables(evaluations, metric=config.metric) if evaluations else []
     folders = [p for p in config.selections if not is_evaluation(p)]
+    validation = read_validation(config.validation) if config.validation and folders else None
     if not folders:  # evaluations only: the page is the table
-        path = Path(config.out) / REPORT_FILE
-        atomic_write_text(path, downstream_page(config.title, table))
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / REPORT_FILE
+        atomic_write_text(path, downstream_page(config.title, tables))
+        if console is not None:
+            print_run_summary(None, [], evaluations, metric=config.metric, console=console)
         return path
-    import dataclasses
-
     config = dataclasses.replace(config, selections=folders)
     selections = [read_selection(path) for path in config.selections]
     if not (config.attribution or config.scores):
         config = _matrix_of(selections[0], config)
     matrix = load_matrix(config)
-    extra = ""
-    if table is not None:
-        from poise.report.html import esc
-
-        extra = f'<h2>Downstream results</h2><p class="caption">{esc(DOWNSTREAM_CAPTION)}</p>{downstream_html(table)}'
     path = build_report(matrix, selections, config.out, title=config.title, embed_images=config.embed_images,
-                        folders=config.selections, downstream=extra)
+                        folders=config.selections, downstream=downstream_section(tables) if tables else "",
+                        validation=validation)
     if console is not None:
-        print_summary(matrix, selections, console=console)
+        print_run_summary(matrix, selections, evaluations, metric=config.metric, console=console)
     return path
+
+
+def print_run_summary(
+    matrix: AttributionMatrix | None,
+    selections: Sequence[Selection],
+    evaluations: Sequence[dict[str, Any]] = (),
+    metric: str = "nll",
+    console: Any = None,
+) -> None:
+    """Print a run's comparison with rich: the selections' per-task tables (THI share and mean
+    normalised influence; `print_summary`) when there are a matrix and selections, then the downstream
+    tables of `evaluations` (the contents of `scores.json` files, `downstream.read_evaluation`; the
+    `metric` table first, then exact match when reported), each with its one-sentence reading."""
+    from poise.report.downstream import downstream_tables, print_downstream
+
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+    if matrix is not None and selections:
+        print_summary(matrix, selections, console=console)
+    if evaluations:
+        for table in downstream_tables(evaluations, metric=metric):
+            print_downstream(table, console)

@@ -50,7 +50,9 @@ PICKS_CAPTION = (
     "The first picks of each selection, in pick order (rank 1 = the first pick; selection.json counts "
     "from 0): the pool row and its id, the task and validation example the pick served (the one that "
     "decided it; none for random) and its score - for bids the marginal gain, for the other rules the "
-    "value they rank by. The text, where shown, is the first user message of the picked example, cut short."
+    "value they rank by. The text, where shown, is the first user message of the picked example, cut short; "
+    "with the validation files, the served validation example's first user message is shown beside it, so "
+    "each pick can be read as \"this pool example, for that validation example\"."
 )
 SUMMARY_CAPTION = (
     "Per task and selection: infl. is the mean normalised influence of the picks on the task's "
@@ -86,6 +88,10 @@ table.picks { font-size: 0.84rem; }
 table.picks th, table.picks td { padding: 2px 8px; }
 table.picks td.left, table.picks th.left { text-align: left; }
 table.picks td.text { text-align: left; color: #3d4555; max-width: 40em; }
+table.picks td.text.served { background: #f3f6fb; max-width: 30em; }
+p.finding { font-size: 1.05rem; background: #fff; border-left: 4px solid #3b6fb6; padding: 8px 12px;
+            margin: 8px 0; max-width: 70em; }
+section.downstream h3 { margin-top: 14px; }
 """
 
 
@@ -110,13 +116,17 @@ class Section:
 class PickTable:
     """The first picks of one selection: its name and colour (#rrggbb), how many picks it has in
     all, one row per pick (`rank`, `row`, `id`, `task`, `column_id`, `score`, `text`; None where
-    unknown) and the header of the score column ("gain" for bids)."""
+    unknown; `served_text` too when `served`) and the header of the score column ("gain" for bids).
+    With `served`, the table shows the pool example's text and then the text of the validation example
+    each pick served (a dash where its id is not in the validation files)."""
 
     name: str
     color: str
     total: int
     rows: list[dict[str, Any]] = field(default_factory=list)
     score_label: str = "score"
+    #: show the served validation example's text (row key `served_text`) beside the pick's own text
+    served: bool = False
 
 
 _HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
@@ -199,7 +209,8 @@ def format_score(value: Any) -> str:
 
 def _picks_table(table: PickTable) -> str:
     shown = len(table.rows)
-    has_text = any(row.get("text") for row in table.rows)
+    served = table.served and any(row.get("column_id") is not None for row in table.rows)
+    has_text = served or any(row.get("text") for row in table.rows)
     heading = (
         f"<h3>{swatch(table.color)}{esc(table.name)}"
         f"<small>first {shown:,} of {table.total:,} picks</small></h3>"
@@ -207,8 +218,12 @@ def _picks_table(table: PickTable) -> str:
     head = (
         "<th>rank</th><th>row</th><th class=\"left\">id</th><th class=\"left\">task</th>"
         f"<th class=\"left\">validation example</th><th>{esc(table.score_label)}</th>"
-        + ('<th class="left">example (first user message)</th>' if has_text else "")
     )
+    if served:
+        head += ('<th class="left">pool example (first user message)</th>'
+                 '<th class="left">served validation example (first user message)</th>')
+    elif has_text:
+        head += '<th class="left">example (first user message)</th>'
     body = []
     for row in table.rows:
         rank = row.get("rank")
@@ -220,6 +235,7 @@ def _picks_table(table: PickTable) -> str:
             f"<td class=\"left\">{_or_dash(row.get('column_id'))}</td>"
             f"<td>{format_score(row.get('score'))}</td>"
             + (f'<td class="text">{_or_dash(row.get("text"))}</td>' if has_text else "")
+            + (f'<td class="text served">{_or_dash(row.get("served_text"))}</td>' if served else "")
         )
         body.append(f"<tr>{cells}</tr>")
     return (
@@ -276,8 +292,10 @@ def render_page(
     picks: Sequence[PickTable] = (),
     downstream: str = "",
 ) -> str:
-    """The whole page as a string. `summary` rows come from `poise.report.summary_rows`; `colors`
-    are the selections' colours (#rrggbb, in `names` order); `picks` are the first-picks tables."""
+    """The whole page as a string, top to bottom: the downstream results (`downstream`, HTML made by
+    `poise.report.downstream.downstream_section`; empty without evaluations), the selections and their
+    per-task summary, the figures (`sections`) and the first-picks tables (`picks`). `summary` rows come
+    from `poise.report.summary_rows`; `colors` are the selections' colours (#rrggbb, in `names` order)."""
     meta_html = " · ".join(f"{esc(k)}: {esc(v)}" for k, v in meta)
     parts = [
         "<!DOCTYPE html>",
@@ -286,13 +304,13 @@ def render_page(
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body><main>",
         f"<h1>{esc(title)}</h1>",
         f'<p class="meta">{meta_html}</p>',
+        downstream,
         "<h2>Selections</h2>",
         f'<p class="caption">{esc(COLOR_NOTE)}</p>' if colors else "",
         _table(selection_header, selection_rows, name_columns=2, colors=colors),
         "<h2>Per-task summary</h2>",
         f'<p class="caption">{esc(SUMMARY_CAPTION)}</p>',
         _summary_table(names, summary, colors),
-        downstream,
     ]
     for section in sections:
         parts.append(f"<h2>{esc(section.heading)}</h2>")
