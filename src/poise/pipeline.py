@@ -617,9 +617,9 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs, console: Any) -> l
     rep = config.section("report")
     selections = list(picks_of.values())
     report_values = {**rep, "selections": [str(run / s) for s in selections + evaluations],
+                     "title": rep["title"] if rep["title"] != "poise selection report" else f"poise run: {run.name}",
                      "out": str(run / "report"), "attribution": str(run / matrices["influence"])}
-    if "validation" in {f.name for f in dataclasses.fields(ReportConfig)}:
-        report_values["validation"] = inputs.validation
+    report_values["validation"] = inputs.validation
     rc = from_dict(ReportConfig, report_values, "report")
     units.append(Unit("report", "report", {**_stable(rc), "validation": inputs.digests["validation"]},
                       selections + evaluations, lambda: _report(rc, console),
@@ -832,7 +832,7 @@ def _execute(units: list[Unit], prints: dict[str, str], state: dict[str, Any], o
             atomic_write_json(folder / "arguments.json", {"poise_version": __version__, "stage": unit.stage,
                                                           "settings": unit.settings,
                                                           "fingerprint": prints[unit.name]})
-        state["units"][unit.name]["complete"] = True
+        state["units"][unit.name].update(complete=True, seconds=round(time.perf_counter() - started, 1))
         _write_state(out, state)
         actions[unit.name] = "resumed" if resumed else "ran"
         if main:
@@ -854,8 +854,8 @@ def summarize(result: RunResult, console: Any) -> None:
     """Print what a run shows: the selection comparison (per task: THI share and mean normalised
     influence), the downstream table (runs x capabilities + macro-average + worst) and the report path."""
     from poise.attribution import load_attribution
-    from poise.report import print_summary
-    from poise.report.downstream import downstream_table, print_downstream, read_evaluation
+    from poise.report import print_run_summary
+    from poise.report.downstream import read_evaluation
     from poise.selection import read_selection
 
     run_dir = result.out
@@ -864,15 +864,29 @@ def summarize(result: RunResult, console: Any) -> None:
         counts[action] = counts.get(action, 0) + 1
     console.print(f"[bold]poise run[/] {run_dir}: " + ", ".join(f"{n} {a}" for a, n in counts.items()) +
                   f" in {result.seconds:.0f}s")
+    spent: dict[str, float] = {}
+    for record in _read_state(run_dir)["units"].values():
+        if record.get("seconds") is not None:
+            spent[record["stage"]] = spent.get(record["stage"], 0.0) + float(record["seconds"])
+    if spent:
+        console.print("time per stage (when it last ran): " +
+                      ", ".join(f"{stage} {spent[stage]:.0f}s" for stage in STAGES if stage in spent))
     selections = sorted((run_dir / "selections").glob("*/selection.json"))
-    if (run_dir / "attribution" / "scores.npy").is_file() and selections:
-        matrix = load_attribution(run_dir / "attribution")
-        print_summary(matrix, [read_selection(p.parent) for p in selections], console=console)
+    matrix = load_attribution(run_dir / "attribution") if (run_dir / "attribution" / "scores.npy").is_file() else None
     evaluations = [read_evaluation(p.parent) for p in _evaluation_order(run_dir)]
-    if evaluations:
-        print_downstream(downstream_table(evaluations), console)
+    metric = str(_resolved(run_dir).get("report", {}).get("metric", "nll"))
+    print_run_summary(matrix, [read_selection(p.parent) for p in selections], evaluations, metric=metric,
+                      console=console)
     if result.report is not None:
         console.print(f"report: {result.report}")
+
+
+def _resolved(run_dir: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _evaluation_order(run_dir: Path) -> list[Path]:
