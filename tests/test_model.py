@@ -255,3 +255,49 @@ def test_packaged_smollm2_gguf_loads_as_a_135m_llama_with_chatml(tmp_path, monke
     assert "POISE_CACHE" in lines[1]
     load_tokenizer("smollm2-135m")
     assert capsys.readouterr().err == ""  # the second use says nothing
+
+
+def test_shared_models_load_once_and_hand_out_independent_copies(tmp_path, monkeypatch) -> None:
+    import torch
+
+    import poise.model
+    from poise.model import attach_lora, load_model, load_tokenizer, shared_models
+
+    folder = write_model(tmp_path / "model")
+    loads = []
+    real = poise.model._load_from
+    monkeypatch.setattr(poise.model, "_load_from", lambda *a: loads.append(a) or real(*a))
+    with shared_models():
+        first = load_model(str(folder))
+        attach_lora(first, r=2, alpha=4, target_modules=["q_proj"])  # a stage changes its copy in place
+        second = load_model(str(folder))
+        tokenizer = load_tokenizer(str(folder))
+        tokenizer.padding_side = "left"
+        assert load_tokenizer(str(folder)).padding_side != "left"
+    assert len(loads) == 1
+    assert not any("lora" in name for name, _ in second.named_modules())  # the copy is the clean base model
+    for (name, a), (_, b) in zip(load_model(str(folder)).state_dict().items(), second.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+    assert len(loads) == 2  # outside the block every call loads
+
+
+def test_tokenization_cache_tokenizes_each_data_set_once_and_keys_on_content(tmp_path, monkeypatch) -> None:
+    import poise.data.templates as templates
+    from poise.data import read_examples, tokenize_examples
+    from poise.model import load_tokenizer
+
+    folder = write_model(tmp_path / "model")
+    tokenizer = load_tokenizer(str(folder))
+    examples = read_examples(write_pool(tmp_path / "pool.jsonl", 6))
+    calls = []
+    real = templates._tokenize
+    monkeypatch.setattr(templates, "_tokenize", lambda *a: calls.append(1) or real(*a))
+    with templates.tokenization_cache():
+        kept, first, _ = tokenize_examples(examples, tokenizer, 64, progress=False)
+        again = tokenize_examples(examples, tokenizer, 64, progress=False)
+        tokenize_examples(examples, tokenizer, 32, progress=False)  # another length: tokenised again
+        changed = [*examples[:-1], read_examples(write_pool(tmp_path / "other.jsonl", 7))[-1]]
+        tokenize_examples(changed, tokenizer, 64, progress=False)  # other content: tokenised again
+    assert len(calls) == 3
+    assert again[0] == kept and [t.input_ids for t in again[1]] == [t.input_ids for t in first]

@@ -241,3 +241,32 @@ def test_two_rank_torchrun_run_matches_one_process(inputs, tmp_path) -> None:
     assert outputs(two)["picks"] == outputs(one.out)["picks"]
     assert set(outputs(two)["scores"]) == {"bids-0.25"}
     assert (two / "report" / "report.html").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def test_the_shipped_demo_config_is_valid_and_names_the_real_model(no_model_load) -> None:
+    config = pipeline.load_config(pipeline.config_path("demo"))
+    assert config.model == "smollm2-135m" and config.demo_data is not None
+    assert {"bids", "task-max", "random"} <= set(config.section("train")["methods"])
+    assert set(config.section("select")["methods"]) >= {"bids", "task-max", "instance-max", "sum", "rds", "random"}
+
+
+def test_the_shipped_demo_config_runs_end_to_end_on_a_tiny_model(inputs, tmp_path) -> None:
+    """`poise run demo` with the model swapped for the tiny one and the sizes cut: the demo cannot rot."""
+    pytest.importorskip("reasoning_gym")
+    result = pipeline.run("demo", overrides=[
+        f"model={inputs / 'model'}", f"out={tmp_path / 'demo'}", "demo_data.pool_size=60",
+        "demo_data.validation_per_task=2", "demo_data.heldout_per_task=2", "max_seq_length=64",
+        "warmup.lora_r=4", "train.lora_r=4", "features.dim=32", "evaluate.max_gen_toks=2"])
+    assert set(result.actions.values()) == {"ran"}
+    assert result.report is not None and result.report.is_file()
+    tasks = sorted(p.stem for p in (tmp_path / "demo" / "data" / "validation").glob("*.jsonl"))
+    assert len(tasks) >= 5
+    scores = json.loads((tmp_path / "demo" / "evaluation" / "bids-0.1" / "scores.json").read_text())["scores"]
+    assert sorted(scores) == tasks
+
+
+def test_synthetic_demo_still_runs_in_seconds(tmp_path, capsys) -> None:
+    assert main(["demo", "--synthetic", "--rows", "2000", "--out", str(tmp_path / "demo")]) == 0
+    assert (tmp_path / "demo" / "report" / "report.html").is_file()
+    assert "THI share" in capsys.readouterr().out
