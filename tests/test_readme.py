@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from poise.cli import COMMANDS, build_config, build_parser
+from poise.cli import COMMANDS, SPECIAL, build_config, build_parser
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -36,5 +36,24 @@ def test_readme_command_parses(command: str) -> None:
                         .replace("$k", "1"))[1:]
     args, extras = build_parser().parse_known_args(words)
     assert not extras, f"unknown flags {extras} in: {command}"
+    if args.command in SPECIAL:  # run, data: their own arguments, parsed above
+        if args.command == "run" and Path(args.config).suffix == ".yaml" and args.config != "config.yaml":
+            from poise.pipeline import load_config
+
+            load_config(Path(__file__).parent.parent / args.config, args.overrides)  # a shipped config: valid
+        return
     cls = COMMANDS[args.command][0]
     build_config(cls, args, args.command)  # required settings present, values of the right type
+
+
+def test_the_readme_run_config_example_is_a_valid_run_config() -> None:
+    import yaml
+
+    from poise.pipeline import parse_config
+
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+              if "validation:" in b and "select:" in b]
+    assert blocks, "README has no run config example"
+    for block in blocks:
+        config = parse_config(yaml.safe_load(block), "README.md")  # keys, types and method names
+        assert config.section("train")["seeds"] == [0, 1, 2]
