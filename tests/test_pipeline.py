@@ -60,7 +60,8 @@ def config(inputs: Path, out: Path, **changes) -> dict:
 
 def outputs(run: Path) -> dict:
     """The numbers a user reads off a run: every selection's picks and every evaluation's scores."""
-    picks = {p.parent.name: json.loads(p.read_text())["indices"] for p in sorted(run.glob("selections/*/selection.json"))}
+    picks = {p.parent.name: json.loads(p.read_text())["indices"]
+             for p in sorted(run.glob("selections/*/selection.json"))}
     scores = {p.parent.name: json.loads(p.read_text())["scores"] for p in sorted(run.glob("evaluation/*/scores.json"))}
     return {"picks": picks, "scores": scores}
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -316,7 +315,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     summary = write_demo_data(args.out, pool_size=args.pool_size, validation_per_task=args.validation_per_task,
                               heldout_per_task=args.heldout_per_task, seed=args.seed)
-    print(f"demo data: {args.out} ({json.dumps(summary.get('counts', summary), default=str)[:400]})")
+    counts = summary["counts"].values()
+    unrelated = sum(c["pool"] for c in counts if c["capability"] is None)
+    print(f"demo data in {args.out}: pool.jsonl {sum(c['pool'] for c in counts)} examples ({unrelated} of them serve "
+          f"no capability), validation/ {args.validation_per_task} and heldout/ {args.heldout_per_task} per "
+          f"capability: {', '.join(summary['capabilities'])}; sources.json says where each comes from")
     return 0
 
 
