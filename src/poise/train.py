@@ -414,7 +414,7 @@ def train_lora(config: Any, hyper: Any, tokenizer: Any, tokenized: Sequence[Any]
     from transformers.trainer_utils import get_last_checkpoint
 
     from poise.data import collate
-    from poise.losses import per_example_losses
+    from poise.losses import model_losses
     from poise.model import attach_lora, load_model
     from poise.progress import note, track
 
@@ -466,9 +466,7 @@ def train_lora(config: Any, hyper: Any, tokenizer: Any, tokenized: Sequence[Any]
             return count
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            output = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                           position_ids=inputs["position_ids"], use_cache=False)
-            losses = per_example_losses(output.logits, inputs["labels"])  # (b,)
+            losses, output = model_losses(model, inputs)  # (b,); logits at target positions only
             # sum_i loss_i / (examples in the step); times the processes, whose gradients DDP averages
             loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch
             return (loss, output) if return_outputs else loss

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from poise.errors import PoiseError
-from poise.losses import per_example_losses
+from poise.losses import model_losses
 
 GradientSink = Callable[[str, torch.Tensor], None]
 """Receives (parameter name, per-example gradient (b, out, in)) as soon as backward has it."""
@@ -98,11 +98,7 @@ def backward_per_example(model: nn.Module, batch: dict[str, torch.Tensor]) -> to
     handle = _embedding_output_requires_grad(model, keep)
     try:
         with torch.enable_grad():
-            out = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False,
-            )
-            losses = per_example_losses(out.logits, batch["labels"])
+            losses, _ = model_losses(model, batch)  # logits at target positions only
             torch.autograd.grad(losses.sum(), keep)
     finally:
         handle.remove()
