@@ -39,6 +39,16 @@ Variants (examples/s each; every variant is warmed up before it is timed):
    the Adam map are measured in full. A second row projects 16 examples per call, as LESS's
    `collect_grads` does (project_interval = 16), which shares one matrix generation among 16 examples.
 
+5. `poise sjlt, full logits (before)`: the same loop with the loss computed from the full (b, t, V) logits, as
+   before the LM head was restricted to the target positions (`poise.losses.model_losses`). Interleaved
+   with the two above. The ratio to it is what computing logits at target positions only buys.
+
+Peak memory per batch (`--memory`): for the floor and the two sjlt variants, a fresh process runs the batch
+with the most padded tokens once, sampling its resident set size every millisecond; the table gives the
+peak minus the RSS just before the batch (fresh processes, because an allocator keeps freed memory).
+`--data demo` takes the examples from poise's demo pool (`poise data demo`: reasoning-gym questions with
+short answers, so most tokens are prompt) instead of the synthetic chats (whose answers are most tokens).
+
 A breakdown of one instrumented sjlt pass (per-example einsum, Adam map, the three steps of the sjlt
 projection, normalisation, the rest = forward + backward) follows the table; the instrumented features
 are checked to equal the timed path's bit for bit.
@@ -48,6 +58,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/bench_features.py --repeat 3 --markdown /tmp/features.md
     .venv/bin/python benchmarks/bench_features.py --random-init    # same shapes, no weights needed
     .venv/bin/python benchmarks/bench_features.py --quick          # seconds; tiny random Llama, a smoke test
+    .venv/bin/python benchmarks/bench_features.py --data demo --skip rademacher,less --memory   # target positions
 """
 
 from __future__ import annotations
@@ -234,6 +245,64 @@ def poise_batch(model, batch: dict, projector, exp_avg: dict, exp_avg_sq: dict) 
     return torch.nn.functional.normalize(out, dim=1)
 
 
+def full_logit_losses(model, batch: dict, head=None, **forward) -> tuple[torch.Tensor, object]:
+    """The loss as poise computed it before `model_losses`: from the full (b, t, V) logits."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], use_cache=False, **forward)
+    return per_example_losses(out.logits, batch["labels"]), out
+
+
+@contextlib.contextmanager
+def full_logits():
+    """Within the block, the features path computes its loss from the full logits (the old way)."""
+    original = capture.model_losses
+    capture.model_losses = full_logit_losses
+    try:
+        yield
+    finally:
+        capture.model_losses = original
+
+
+def demo_examples(count: int, seed: int) -> list[Example]:
+    """The first `count` examples of poise's demo pool (reasoning-gym questions, short answers)."""
+    import tempfile
+
+    from poise.data import read_examples
+    from poise.data.demo import write_demo_data
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_demo_data(folder, pool_size=max(count, 30), validation_per_task=1, heldout_per_task=1, seed=seed)
+        return read_examples(Path(folder) / "pool.jsonl")[:count]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_during(fn: Callable[[], object]) -> int:
+    """Peak resident set size while `fn` runs, minus the size just before (sampled every millisecond)."""
+    import threading
+
+    before = rss_bytes()
+    peak = [before]
+    running = [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        running[0] = False
+        thread.join()
+    return max(peak[0], rss_bytes()) - before
+
+
 class Clock:
     """Accumulates wall time per label."""
 
@@ -374,6 +443,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of model, LoRA, moments, data, projector")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="tiny random Llama and sizes, for a smoke test")
+    parser.add_argument("--data", choices=("synthetic", "demo"), default="synthetic",
+                        help="synthetic chats (long answers) or poise's demo pool (short answers; needs reasoning-gym)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure each variant's peak memory on the largest batch, in fresh processes")
+    parser.add_argument("--probe", choices=("floor", "sjlt", "sjlt-full"), help=argparse.SUPPRESS)
     parser.add_argument("--markdown", metavar="PATH", help="also write the results as markdown to PATH")
     args = parser.parse_args(argv)
     if args.quick:
@@ -406,7 +480,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     model, tokenizer, model_what = build_model(args)
-    examples = make_examples(tokenizer, args.examples, args.min_tokens, args.max_tokens_per_example, args.seed)
+    if args.data == "demo":
+        examples = demo_examples(args.examples, args.seed)
+    else:
+        examples = make_examples(tokenizer, args.examples, args.min_tokens, args.max_tokens_per_example, args.seed)
     _, tokenized, _ = tokenize_examples(examples, tokenizer, 2048, progress=False)  # as the stage (default 2048)
     lengths = [len(t) for t in tokenized]
     targets = [t.n_targets for t in tokenized]
@@ -438,6 +515,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{side} padding), sizes {[len(b) for b in batches]}, padded tokens {padded:,} "
           f"({padded / sum(lengths):.2f}x the real ones); d = {args.dim}; setup {setup_s:.1f} s", flush=True)
 
+    if args.probe:  # one batch, one variant, in this fresh process: print the peak memory it took
+        largest = max(range(len(batches)), key=lambda k: collated[k]["input_ids"].numel())
+        batch = collated[largest]
+        set_lora_grad(model, args.probe == "floor")
+        if args.probe == "floor":
+            run = lambda: floor_batch(model, batch)  # noqa: E731
+        elif args.probe == "sjlt":
+            run = lambda: poise_batch(model, batch, sjlt, exp_avg, exp_avg_sq)  # noqa: E731
+        else:
+            def run():
+                with full_logits():
+                    poise_batch(model, batch, sjlt, exp_avg, exp_avg_sq)
+        run()  # warm-up: first-call allocations
+        print(f"PROBE {args.probe} {peak_during(run)} {tuple(batch['input_ids'].shape)}")
+        return 0
+
     # ------------------------------------------------------------------- floor and sjlt, interleaved
     def floor_pass(which: list[int]) -> list[float]:
         set_lora_grad(model, True)
@@ -447,12 +540,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def poise_pass(which: list[int], projector) -> list[float]:
         set_lora_grad(model, False)  # as the stage: load_adapter(..., trainable=False)
+        record = projector is sjlt
+        projector = projector or sjlt
         times = []
         for k in which:
             start = time.perf_counter()
             values = poise_batch(model, collated[k], projector, exp_avg, exp_avg_sq)
             times.append(time.perf_counter() - start)
-            if projector is sjlt:
+            if record:
                 last_sjlt[k] = values
         return times
 
@@ -460,15 +555,24 @@ def main(argv: list[str] | None = None) -> int:
     warm = [len(batches) - 1]  # the shortest batch
     floor_pass(warm)
     poise_pass(warm, sjlt)
-    floor_runs, sjlt_runs = [], []
+    def full_pass(which: list[int]) -> list[float]:
+        with full_logits():
+            return poise_pass(which, None)
+
+    with full_logits():
+        poise_pass(warm, None)
+    floor_runs, sjlt_runs, full_runs = [], [], []
     for r in range(args.repeat):
         floor_runs.append(floor_pass(every))
+        full_runs.append(full_pass(every))
         sjlt_runs.append(poise_pass(every, sjlt))
-        print(f"  pass {r + 1}/{args.repeat}: floor {sum(floor_runs[-1]):.2f} s, sjlt {sum(sjlt_runs[-1]):.2f} s "
-              f"(load {load()})", flush=True)
+        print(f"  pass {r + 1}/{args.repeat}: floor {sum(floor_runs[-1]):.2f} s, sjlt with full logits "
+              f"{sum(full_runs[-1]):.2f} s, sjlt {sum(sjlt_runs[-1]):.2f} s (load {load()})", flush=True)
     floor_s = statistics.median(sum(run) for run in floor_runs)
     sjlt_s = statistics.median(sum(run) for run in sjlt_runs)
+    full_s = statistics.median(sum(run) for run in full_runs)
     paired = [sum(f) / sum(s) for f, s in zip(floor_runs, sjlt_runs, strict=True)]  # back-to-back passes
+    paired_full = [sum(f) / sum(s) for f, s in zip(full_runs, sjlt_runs, strict=True)]
 
     # --------------------------------------------------------------------- breakdown of one sjlt pass
     set_lora_grad(model, False)
@@ -480,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------------------ poise rademacher
     rows: list[tuple[str, str, int, float, str]] = []  # variant, batch size, examples, seconds, how
     rows.append(("floor (LoRA fwd + loss.backward())", f"<= {args.max_batch_size}", n_examples, floor_s,
+                 f"median of {args.repeat} passes over all {len(batches)} batches"))
+    rows.append((f"poise sjlt, full logits (before) (d={args.dim})", f"<= {args.max_batch_size}", n_examples, full_s,
                  f"median of {args.repeat} passes over all {len(batches)} batches"))
     rows.append((f"poise sjlt (d={args.dim})", f"<= {args.max_batch_size}", n_examples, sjlt_s,
                  f"median of {args.repeat} passes over all {len(batches)} batches"))
@@ -605,16 +711,42 @@ def main(argv: list[str] | None = None) -> int:
                   f"{floor_s / n_examples * 1e3:.1f}")
 
     sjlt_rate = n_examples / sjlt_s
+    extra_tables: list[Table] = []
     checks = [
         f"floor time / sjlt time = {floor_s / sjlt_s:.3f} (target >= {1 / 1.3:.3f}, i.e. sjlt within 1.3x of the "
         f"floor): {'met' if floor_s / sjlt_s >= 1 / 1.3 else 'MISSED'}; per back-to-back pass "
         f"{', '.join(f'{p:.3f}' for p in paired)} (median {statistics.median(paired):.3f})",
     ]
+    checks.append(f"sjlt / floor in examples/s = {floor_s / sjlt_s:.3f} (target >= 1.1 with logits at target "
+                  f"positions only): {'met' if floor_s / sjlt_s >= 1.1 else 'MISSED'}; sjlt / sjlt with full logits = "
+                  f"{full_s / sjlt_s:.3f} (per back-to-back pass {', '.join(f'{p:.3f}' for p in paired_full)})")
+    if args.memory:
+        memory = Table("Peak memory of one batch (the one with the most padded tokens), fresh process per variant",
+                       ["variant", "batch shape", "peak RSS above the RSS before the batch"])
+        for probe in ("floor", "sjlt-full", "sjlt"):
+            command = [sys.executable, __file__, *[a for a in (argv if argv is not None else sys.argv[1:])
+                                                   if a not in ("--memory",) and not a.startswith("--markdown")],
+                       "--probe", probe]
+            if "--markdown" in command:
+                at = command.index("--markdown")
+                del command[at:at + 2]
+            import subprocess
+
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            line = next((ln for ln in result.stdout.splitlines() if ln.startswith("PROBE ")), None)
+            if line is None:
+                memory.add(probe, "-", f"failed: {result.stderr.strip().splitlines()[-1:]}")
+                continue
+            _, name, peak, shape = line.split(" ", 3)
+            memory.add({"floor": "floor", "sjlt-full": "poise sjlt, full logits (before)", "sjlt": "poise sjlt"}[name],
+                       shape, f"{int(peak) / 2**20:,.0f} MiB")
+        extra_tables.append(memory)
     if less_rate:
         checks.append(f"sjlt / LESS-style reference = {sjlt_rate / less_rate:,.0f}x in examples/s (target >= 20x): "
                       f"{'met' if sjlt_rate / less_rate >= 20 else 'MISSED'}")
     summary = [f"model: {model_what}", f"n = {n:,} LoRA parameters ({len(shapes)} matrices), d = {args.dim}",
-               f"examples: {n_examples}, tokens/example mean {statistics.mean(lengths):.1f} (median "
+               f"examples ({args.data}): {n_examples}, target tokens/example mean {statistics.mean(targets):.1f}, "
+               f"tokens/example mean {statistics.mean(lengths):.1f} (median "
                f"{statistics.median(lengths):.0f}, {min(lengths)}-{max(lengths)}), {len(batches)} batches of <= "
                f"{args.max_batch_size} (max_tokens {args.max_tokens}), padded tokens {padded:,}",
                f"load average: {load_start} at start, {load_end} at end; peak RSS of the process "
@@ -625,12 +757,14 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     table.print()
     breakdown.print()
+    for extra in extra_tables:
+        extra.print()
     for line in checks:
         print(line)
     if args.markdown:
         lines = [f"Command: `{cmd}`", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), ""]
         lines += [f"- {line}" for line in summary] + [""]
-        lines += [table.markdown(), breakdown.markdown()]
+        lines += [table.markdown(), breakdown.markdown(), *(extra.markdown() for extra in extra_tables)]
         lines += [f"- {line}" for line in checks] + [""]
         Path(args.markdown).write_text("\n".join(lines), encoding="utf-8")
         print(f"wrote {args.markdown}")

@@ -191,9 +191,13 @@ def _representations(model: Any, batch: dict, pooling: str):
     """(b, hidden) L2-normalised final-layer states: last non-pad token, or the masked mean."""
     import torch
 
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "position_ids": batch["position_ids"], "output_hidden_states": True, "use_cache": False}
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], output_hidden_states=True, use_cache=False)
+        try:  # the logits are not needed: ask for one position's (most causal LMs take logits_to_keep)
+            out = model(**inputs, logits_to_keep=1)
+        except TypeError:
+            out = model(**inputs)
     hidden = out.hidden_states[-1].float()  # (b, t, h)
     mask = batch["attention_mask"]  # (b, t)
     if pooling == "mean":
