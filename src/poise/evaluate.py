@@ -277,14 +277,26 @@ def _quiet_lm_eval() -> Iterator[None]:
 def _chat_prompt_hflm() -> type:
     """lm-eval's `hf` model, except that a context's trailing whitespace stays in the context.
 
-    HFLM moves trailing spaces and newlines from the context to the continuation (right for plain-text
+    Without a terminal its per-request progress bars are off. HFLM moves trailing spaces and newlines
+    from the context to the continuation (right for plain-text
     prompts like "Question: ... Answer:" + " 42", where the space belongs to the answer's first token). After a
     chat template's assistant header ("<|im_start|>assistant\n") the newline belongs to the prompt: moved, it
     would be scored as part of every answer. Everything else is HFLM's own.
     """
     from lm_eval.models.huggingface import HFLM
 
+    quiet = not sys.stderr.isatty()  # lm-eval's request bars would fill a log line by line
+
     class ChatPromptHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or quiet)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or quiet)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or quiet)
+
         def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
             if self.backend != "causal":
                 return super()._encode_pair(context, continuation)
