@@ -45,7 +45,8 @@ Variants (examples/s each; every variant is warmed up before it is timed):
 
 Peak memory per batch (`--memory`): for the floor and the two sjlt variants, a fresh process runs the batch
 with the most padded tokens once, sampling its resident set size every millisecond; the table gives the
-peak minus the RSS just before the batch (fresh processes, because an allocator keeps freed memory).
+peak minus the RSS just before the batch (fresh processes and no warm-up, because an allocator keeps freed
+memory; the first run's one-time allocations are in every variant's number alike).
 `--data demo` takes the examples from poise's demo pool (`poise data demo`: reasoning-gym questions with
 short answers, so most tokens are prompt) instead of the synthetic chats (whose answers are most tokens).
 
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             def run():
                 with full_logits():
                     poise_batch(model, batch, sjlt, exp_avg, exp_avg_sq)
-        run()  # warm-up: first-call allocations
+        # no warm-up: the allocator would keep the warm-up's freed memory and hide the batch's peak
         print(f"PROBE {args.probe} {peak_during(run)} {tuple(batch['input_ids'].shape)}")
         return 0
 
@@ -721,15 +722,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"positions only): {'met' if floor_s / sjlt_s >= 1.1 else 'MISSED'}; sjlt / sjlt with full logits = "
                   f"{full_s / sjlt_s:.3f} (per back-to-back pass {', '.join(f'{p:.3f}' for p in paired_full)})")
     if args.memory:
-        memory = Table("Peak memory of one batch (the one with the most padded tokens), fresh process per variant",
-                       ["variant", "batch shape", "peak RSS above the RSS before the batch"])
+        memory = Table("Peak memory of one batch (the one with the most padded tokens): its first run in a fresh "
+                       "process per variant (first-call allocations, the same for all, are included: compare the "
+                       "differences)", ["variant", "batch shape", "peak RSS above the RSS before the batch"])
         for probe in ("floor", "sjlt-full", "sjlt"):
-            command = [sys.executable, __file__, *[a for a in (argv if argv is not None else sys.argv[1:])
-                                                   if a not in ("--memory",) and not a.startswith("--markdown")],
-                       "--probe", probe]
-            if "--markdown" in command:
-                at = command.index("--markdown")
-                del command[at:at + 2]
+            given = list(argv if argv is not None else sys.argv[1:])
+            kept, skip = [], False
+            for word in given:  # this run's arguments, less --memory and --markdown PATH
+                if skip:
+                    skip = False
+                elif word == "--markdown":
+                    skip = True
+                elif word != "--memory" and not word.startswith("--markdown="):
+                    kept.append(word)
+            command = [sys.executable, __file__, *kept, "--probe", probe]
             import subprocess
 
             result = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -37,10 +37,10 @@ def test_readme_command_parses(command: str) -> None:
     args, extras = build_parser().parse_known_args(words)
     assert not extras, f"unknown flags {extras} in: {command}"
     if args.command in SPECIAL:  # run, data: their own arguments, parsed above
-        if args.command == "run" and Path(args.config).suffix == ".yaml" and args.config != "config.yaml":
-            from poise.pipeline import load_config
+        if args.command == "run" and args.config == "demo":
+            from poise.pipeline import config_path, load_config
 
-            load_config(Path(__file__).parent.parent / args.config, args.overrides)  # a shipped config: valid
+            load_config(config_path("demo"), args.overrides)  # the shipped config with the README's overrides
         return
     cls = COMMANDS[args.command][0]
     build_config(cls, args, args.command)  # required settings present, values of the right type
