@@ -271,3 +271,25 @@ def test_synthetic_demo_still_runs_in_seconds(tmp_path, capsys) -> None:
     assert main(["demo", "--synthetic", "--rows", "2000", "--out", str(tmp_path / "demo")]) == 0
     assert (tmp_path / "demo" / "report" / "report.html").is_file()
     assert "THI share" in capsys.readouterr().out
+
+
+def test_pool_examples_the_features_left_out_are_matched_by_id(tmp_path) -> None:
+    """A matrix with fewer rows than the pool (examples without a target token within max_seq_length were
+    left out by features): select takes the pool lines by id, with one warning; unmatched ids are refused."""
+    import numpy as np
+
+    from poise.attribution import AttributionMatrix
+    from poise.selection import check_pool
+
+    rows = [{"id": f"p{k}", "messages": [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "a"}]}
+            for k in range(5)]
+    write_jsonl(tmp_path / "pool.jsonl", rows)
+    matrix = AttributionMatrix(np.ones((3, 2), dtype=np.float32), column_ids=["v0", "v1"], tasks=["t", "u"],
+                               row_ids=["p0", "p2", "p4"])
+    with pytest.warns(Warning, match="2 of its 5 examples have no row in the matrix"):
+        lines = check_pool(tmp_path / "pool.jsonl", matrix)
+    assert [json.loads(line)["id"] for line in lines] == ["p0", "p2", "p4"]
+    other = AttributionMatrix(np.ones((3, 2), dtype=np.float32), column_ids=["v0", "v1"], tasks=["t", "u"],
+                              row_ids=["p0", "p2", "x9"])
+    with pytest.raises(PoiseError, match="5 examples but the matrix has 3 rows"):
+        check_pool(tmp_path / "pool.jsonl", other)

@@ -183,7 +183,10 @@ def check_pool(pool: str | os.PathLike, matrix: AttributionMatrix) -> list[str]:
     """Read the pool and check it lines up with the matrix rows (count, and ids where both have them)."""
     lines = count_pool_lines(pool)
     if len(lines) != matrix.n_rows:
-        raise PoiseError(f"{pool}: {len(lines)} examples but the matrix has {matrix.n_rows} rows")
+        matched = _match_by_id(pool, lines, matrix)
+        if matched is None:
+            raise PoiseError(f"{pool}: {len(lines)} examples but the matrix has {matrix.n_rows} rows")
+        return matched
     if matrix.row_ids is not None:
         for number, (line, row_id) in enumerate(zip(lines, matrix.row_ids, strict=True), start=1):
             try:
@@ -196,6 +199,27 @@ def check_pool(pool: str | os.PathLike, matrix: AttributionMatrix) -> list[str]:
                     "the pool must be in the matrix's row order"
                 )
     return lines
+
+
+def _match_by_id(pool: str | os.PathLike, lines: list[str], matrix: AttributionMatrix) -> list[str] | None:
+    """The pool lines of the matrix rows, by id, when the matrix holds fewer rows than the pool: the features
+    stage leaves out examples without a target token within max_seq_length. None when ids do not match."""
+    if matrix.row_ids is None or matrix.n_rows > len(lines):
+        return None
+    from poise.data import read_examples
+
+    try:
+        ids = [str(e.id) for e in read_examples(pool)]
+    except PoiseError:
+        return None
+    if len(ids) != len(lines):
+        return None
+    where = {row_id: k for k, row_id in enumerate(ids)}
+    if any(str(row_id) not in where for row_id in matrix.row_ids):
+        return None
+    warn(f"{pool}: {len(lines) - matrix.n_rows} of its {len(lines)} examples have no row in the matrix (left out "
+         "when the features were computed: no target token within max_seq_length); the others are matched by id")
+    return [lines[where[str(row_id)]] for row_id in matrix.row_ids]
 
 
 def write_selection(
