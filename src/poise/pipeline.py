@@ -555,32 +555,37 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs, console: Any) -> l
                           lambda name=name: (run / name / "scores.npy").is_file()))
         matrices["rds" if rds else "influence"] = name
 
-    # selections
-    picks_of: dict[str, str] = {}
+    # selections (random: one per training seed when there are several, so that its draw varies too)
+    tr = config.section("train")
+    seeds = tr.pop("seeds") or [tr["seed"]]
+    picks_of: dict[str, str] = {}  # selection name (or name + "@seed") -> unit
     for method in methods:
         base, normalize = _split_method(method, "select.methods")
         matrix = matrices["rds" if base == "rds" else "influence"]
+        draws = [(select["seed"] + k, f"-seed{seed}", f"@{seed}") for k, seed in enumerate(seeds)] \
+            if base == "random" and len(seeds) > 1 else [(select["seed"], "", "")]
         for budget in select["budgets"]:
-            name = f"selections/{_selection_name(method, budget)}"
-            sc = from_dict(SelectConfig, {
-                "seed": select["seed"] if base == "random" else 0,  # only random draws: its seed alone reruns it
-                "tasks": select["tasks"],
-                "normalize": normalize if normalize is not None else select["normalize"],
-                "attribution": str(run / matrix), "method": base, "budget": budget, "out": str(run / name),
-                "pool": str(inputs.pool), "label": method}, name)
-            units.append(Unit("select", name, {**_stable(sc), "pool": inputs.digests["pool"]}, [matrix],
-                              _with_progress(run_select, sc, f"select {method}", "steps"),
-                              lambda name=name: (run / name / SELECTION_FILE).is_file()))
-            picks_of[_selection_name(method, budget)] = name
+            for draw_seed, suffix, key in draws:
+                name = f"selections/{_selection_name(method, budget)}{suffix}"
+                sc = from_dict(SelectConfig, {
+                    "seed": draw_seed if base == "random" else 0,  # only random draws: its seed alone reruns it
+                    "tasks": select["tasks"],
+                    "normalize": normalize if normalize is not None else select["normalize"],
+                    "attribution": str(run / matrix), "method": base, "budget": budget, "out": str(run / name),
+                    "pool": str(inputs.pool), "label": method}, name)
+                units.append(Unit("select", name, {**_stable(sc), "pool": inputs.digests["pool"]}, [matrix],
+                                  _with_progress(run_select, sc, f"select {method}", "steps"),
+                                  lambda name=name: (run / name / SELECTION_FILE).is_file()))
+                picks_of[_selection_name(method, budget) + key] = name
 
     # training
-    tr = config.section("train")
-    seeds = tr.pop("seeds") or [tr["seed"]]
     trained: dict[str, tuple[str, str | None]] = {}  # evaluation label -> (training unit, selection unit)
     targets = [(m, b) for m in tr.pop("methods") for b in select["budgets"]]
     full_pool = tr.pop("full_pool")
     for seed in seeds:
-        jobs = [(_selection_name(m, b), picks_of[_selection_name(m, b)]) for m, b in targets]
+        jobs = [(_selection_name(m, b), picks_of.get(f"{_selection_name(m, b)}@{seed}",
+                                                     picks_of.get(_selection_name(m, b))))
+                for m, b in targets]
         if full_pool:
             jobs.append(("full", None))
         for label, selection in jobs:
