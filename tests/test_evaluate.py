@@ -119,3 +119,18 @@ def test_an_adapter_made_on_another_base_model_is_refused(model, tmp_path, capsy
                  "--data", str(tmp_path / "held"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "trained on" in err[0] and "not on --model" in err[0], err
+
+
+def test_samples_hold_each_items_generation_and_nll(model, tmp_path) -> None:
+    rows = [{"id": "m0", "prompt": "What is two plus two?", "answer": "four"},
+            {"id": "m1", "prompt": "List three colors:", "answer": "red"}]
+    write_jsonl(tmp_path / "held" / "math.jsonl", rows)
+    assert main(["evaluate", "--model", str(model), "--data", str(tmp_path / "held"), "--out", str(tmp_path / "ev"),
+                 "--max-gen-toks", "4", "--batch-size", "2"]) == 0
+    samples = [json.loads(line) for line in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    scores = json.loads((tmp_path / "ev" / "scores.json").read_text())["scores"]["math"]
+    assert [s["id"] for s in samples] == ["m0", "m1"] and all(s["capability"] == "math" for s in samples)
+    assert all(isinstance(s["generation"], str) and s["answer"] in ("four", "red") for s in samples)
+    assert sum(s["nll"] for s in samples) / 2 == pytest.approx(scores["nll"]["value"], abs=1e-6)
+    assert sum(s["exact_match"] for s in samples) / 2 == pytest.approx(scores["exact_match"]["value"])
+    assert "samples" not in json.loads((tmp_path / "ev" / "results.json").read_text())

@@ -41,6 +41,8 @@ CODE_TASKS = ("humaneval", "mbpp")
 RESULTS_FILE = "results.json"
 SCORES_FILE = "scores.json"
 TASK_PREFIX = "poise_"
+#: Per-item answers of the local tasks (generation, NLL), one JSON object per line.
+SAMPLES_FILE = "samples.jsonl"
 #: Metrics where lower is better, when lm-eval's results do not say.
 LOWER_IS_BETTER = ("nll", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
@@ -145,6 +147,29 @@ def write_local_tasks(items: dict[str, tuple[Path, list[dict]]], tokenizer: Any,
     return names
 
 
+def local_samples(samples: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per held-out item of the local tasks: capability, id, answer, the greedy generation and the answer's
+    NLL per token (from lm-eval's logged samples), so that answers can be read side by side across runs."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for task, entries in samples.items():
+        if not task.startswith(TASK_PREFIX):
+            continue
+        capability, kind = task[len(TASK_PREFIX):].rsplit("_", 1)
+        for entry in entries:
+            doc = entry.get("doc") or {}
+            key = (capability, str(doc.get("id")))
+            row = rows.setdefault(key, {"capability": capability, "id": doc.get("id"), "answer": doc.get("answer")})
+            if kind == "gen":
+                response = entry.get("filtered_resps") or entry.get("resps") or [""]
+                while isinstance(response, list) and response:
+                    response = response[0]
+                row["generation"] = response if isinstance(response, str) else str(response)
+                row["exact_match"] = entry.get("exact_match")
+            elif kind == "ll":
+                row["nll"] = entry.get("nll")
+    return sorted(rows.values(), key=lambda r: (r["capability"], str(r["id"])))
+
+
 def _yaml(config: dict) -> str:
     """YAML for a task config; `process_results` is written as lm-eval's `!function` tag."""
     import yaml
@@ -236,13 +261,16 @@ def run_evaluate(config: Any) -> Path:
     with _quiet_lm_eval():
         lm = _chat_prompt_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
         results = simple_evaluate(model=lm, tasks=names, task_manager=manager,
-                                  limit=config.limit, log_samples=False, random_seed=config.seed,
+                                  limit=config.limit, log_samples=bool(local), random_seed=config.seed,
                                   numpy_random_seed=config.seed, torch_random_seed=config.seed,
                                   fewshot_random_seed=config.seed,
                                   confirm_run_unsafe_code=bool(config.allow_code_execution))
     if results is None:  # pragma: no cover - non-zero ranks
         return out
     out.mkdir(parents=True, exist_ok=True)
+    samples = local_samples(results.pop("samples", None) or {})
+    if samples:
+        atomic_write_lines(out / SAMPLES_FILE, (json.dumps(row) for row in samples))
     atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2, default=str))
     scores = scores_from_results(results)
     atomic_write_json(out / SCORES_FILE, {
