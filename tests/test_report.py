@@ -67,7 +67,7 @@ def report(matrix, selections, tmp_path_factory):
 
 
 FIGURES = ["aid_comparison.png", "aid_selections.png", "thi_comparison.png", "thi_selections.png",
-           "coverage.png", "overlap.png"]
+           "coverage.png", "zscore_fit.png", "overlap.png"]
 
 
 def test_images_are_embedded_by_default_and_the_pngs_are_still_written_beside_the_page(report):
@@ -123,7 +123,7 @@ def test_page_is_self_contained_and_lists_tasks_and_selections(report, matrix):
 
 def test_single_selection_report_has_no_overlap_or_comparison_figure(matrix, selections, tmp_path):
     page = parse(build_report(matrix, selections[:1], tmp_path, embed_images=False))
-    assert page.images == ["aid_selections.png", "thi_selections.png", "coverage.png"]
+    assert page.images == ["aid_selections.png", "thi_selections.png", "coverage.png", "zscore_fit.png"]
     assert not (tmp_path / "overlap.png").exists()
 
 
@@ -501,3 +501,16 @@ def test_downstream_table_follows_each_metrics_direction() -> None:
     assert table.columns == ["t (acc)", "macro-average", "worst"]
     assert [row[0] for row in ranks(table)] == [None, 1, 2]
     assert table.values[1] == [0.6, 0.6, 0.6]
+
+
+def test_zscore_columns_are_normalised_per_column_and_skip_constant_ones() -> None:
+    from poise.report.plots import zscore_columns, zscore_fit_figure
+
+    rng = np.random.default_rng(0)
+    scores = np.column_stack([rng.normal(5, 2, 400), rng.exponential(1, 400), np.ones(400), rng.normal(0, 9, 400)])
+    tasks = ["a", "a", "a", "b"]
+    columns = zscore_columns(scores, tasks, per_task=5)
+    assert [len(columns["a"]), len(columns["b"])] == [2, 1]  # the constant column is left out
+    for z in [*columns["a"], *columns["b"]]:
+        assert abs(z.mean()) < 1e-12 and abs(z.std() - 1) < 1e-12
+    assert zscore_fit_figure(scores, tasks)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -47,6 +47,13 @@ __all__ = [
 ]
 
 REPORT_FILE = "report.html"
+ZSCORE_CAPTION = (
+    "BIDS normalises every validation column to z = (a - mean) / std before comparing tasks (BIDS paper, "
+    "Appendix A.4). Each panel plots, for up to five columns of a task, the sorted normalised influences "
+    "against the quantiles of a standard normal: points on the dashed diagonal mean the column is close to "
+    "normal, a bent line a skewed or heavy-tailed column (the title gives the pooled skewness and excess "
+    "kurtosis, both 0 for a normal). The z-score puts columns on one scale either way; it maps equal "
+    "quantiles to equal values only when the shapes agree.")
 #: The first-picks table of each selection shows this many picks.
 PICKS_SHOWN = 10
 #: Example text in the first-picks table is cut to this many characters.
@@ -430,6 +437,10 @@ def build_report(
                 [image("coverage.png", plots.coverage_plot(names, coverages, colors=colors),
                        "instance-wise THI share of each task against the number of picks, per selection")]),
     ]
+    zscores = plots.zscore_fit_figure(matrix.scores, matrix.tasks)
+    sections.append(Section("Does the z-score fit the influence columns?", ZSCORE_CAPTION,
+                            [image("zscore_fit.png", zscores, "Q-Q plots of normalised validation columns against "
+                                   "the standard normal, one panel per task")]))
     if several:
         sections.append(
             Section("Overlap between selections", OVERLAP_CAPTION,

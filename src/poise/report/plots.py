@@ -16,6 +16,7 @@ Layouts adapt to up to ~20 tasks (wider panels, rotated labels).
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -399,4 +400,52 @@ def overlap_plot(names: Sequence[str], similarity: np.ndarray) -> bytes:
                     color="black" if value > 0.6 else "white")
     fig.colorbar(image, ax=ax, label="Jaccard similarity", shrink=0.8)
     ax.set_title("Overlap between selections")
+    return _to_png(fig)
+
+
+def zscore_columns(scores: np.ndarray, tasks: Sequence[str], per_task: int = 5) -> dict[str, list[np.ndarray]]:
+    """For up to `per_task` evenly spaced validation columns of each task, the column's values after BIDS's
+    column normalisation (z = (a - mean) / population std); constant columns are skipped."""
+    out: dict[str, list[np.ndarray]] = {}
+    task_array = np.asarray(tasks)
+    for task in dict.fromkeys(tasks):
+        columns = np.flatnonzero(task_array == task)
+        chosen = columns[np.unique(np.linspace(0, len(columns) - 1, min(per_task, len(columns))).round().astype(int))]
+        for j in chosen:
+            column = np.asarray(scores[:, j], dtype=np.float64)
+            sd = column.std()
+            if sd > 0:
+                out.setdefault(task, []).append((column - column.mean()) / sd)
+    return out
+
+
+def zscore_fit_figure(scores: np.ndarray, tasks: Sequence[str], per_task: int = 5) -> bytes:
+    """BIDS paper Appendix A.4 / Figure 5: does the z-score fit the influence columns? One panel per task:
+    the quantiles of each normalised column against the standard normal's (a Q-Q plot; on the diagonal when
+    the column is normal), with the columns' pooled skewness and excess kurtosis in the title."""
+    from statistics import NormalDist
+
+    columns = zscore_columns(scores, tasks, per_task)
+    names = list(columns)
+    cols = min(len(names), 4) or 1
+    rows = math.ceil(len(names) / cols) or 1
+    fig = Figure(figsize=(3.2 * cols + 0.6, 3.0 * rows + 0.6), layout="constrained")
+    axes = _grid(fig, max(len(names), 1), cols, sharex=True, sharey=True)
+    normal = NormalDist()
+    for ax, task in zip(axes, names, strict=False):
+        pooled = np.concatenate(columns[task])
+        for z in columns[task]:
+            n = len(z)
+            expected = np.array([normal.inv_cdf((k + 0.5) / n) for k in range(n)])
+            ax.plot(expected, np.sort(z), ".", markersize=2, alpha=0.7)
+        lim = max(3.0, float(np.abs(pooled).max()))
+        ax.plot([-lim, lim], [-lim, lim], color="0.3", linewidth=0.8, linestyle="--")
+        skew = float(np.mean(pooled**3))
+        kurt = float(np.mean(pooled**4) - 3.0)
+        ax.set_title(f"{task}: skew {skew:.2f}, ex. kurt {kurt:.2f}", fontsize="small")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.supxlabel("standard normal quantile")
+    fig.supylabel("normalised influence quantile")
     return _to_png(fig)

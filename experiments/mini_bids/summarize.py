@@ -1,0 +1,82 @@
+"""Write the mini BIDS study's results from its run directory into small committed files.
+
+    python experiments/mini_bids/summarize.py runs/mini_bids --out experiments/mini_bids/results
+
+Writes `runs.csv` (one row per evaluation: method, budget, seed, per capability NLL and exact match, macro,
+worst), `summary.json` (means, 95% t intervals, paired comparisons), `tables.md` (the paper's Table 2 and 3
+layouts and the paired comparisons, for NLL and exact match), `answers.md` (Appendix A.7: held-out prompts
+answered by the base model and by BIDS, task-max and random fine-tunes), `progress.md` (which units are
+done), and copies the report's AID, THI and z-score figures. It works on a partial run: whatever is
+evaluated so far is summarised, and `progress.md` says what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from poise.report.study import collect, markdown_tables, paired, side_by_side, summarize
+
+FIGURES = ("aid_comparison.png", "thi_comparison.png", "zscore_fit.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="the study's run directory (runs/mini_bids)")
+    parser.add_argument("--out", required=True, help="folder for the result files")
+    parser.add_argument("--budget", default="0.15", help="budget of the runs in answers.md (default 0.15)")
+    args = parser.parse_args(argv)
+    run, out = Path(args.run), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    state = json.loads((run / "pipeline.json").read_text()) if (run / "pipeline.json").is_file() else {"units": {}}
+    units = state["units"]
+    done = [n for n, u in units.items() if u.get("complete")]
+    seconds = sum(float(u.get("seconds") or 0) for u in units.values() if u.get("complete"))
+    lines = [f"# Progress of {run}\n\n", f"- units complete: {len(done)} of {len(units)} started or done\n",
+             f"- compute time of the complete units: {seconds / 3600:.2f} h\n"]
+    by_stage: dict[str, list[float]] = {}
+    for unit in units.values():
+        if unit.get("complete"):
+            by_stage.setdefault(unit["stage"], []).append(float(unit.get("seconds") or 0))
+    lines += [f"- {stage}: {len(times)} units, {sum(times) / 60:.1f} min\n" for stage, times in by_stage.items()]
+    (out / "progress.md").write_text("".join(lines), encoding="utf-8")
+
+    if not (run / "evaluation").is_dir():
+        print(f"{run}: no evaluations yet; wrote {out / 'progress.md'}")
+        return 0
+    rows = collect(run)
+    tasks = sorted({t for r in rows for t in (r.get("nll") or {}).get("tasks", {})})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["label", "method", "budget", "seed"] + [f"{m}:{t}" for m in ("nll", "exact_match")
+                                                             for t in [*tasks, "macro", "worst"]])
+    for r in rows:
+        cells = []
+        for metric in ("nll", "exact_match"):
+            values = r.get(metric) or {"tasks": {}}
+            cells += [values["tasks"].get(t, "") for t in tasks] + [values.get("macro", ""), values.get("worst", "")]
+        writer.writerow([r["label"], r["method"], r["budget"] or "", "" if r["seed"] is None else r["seed"], *cells])
+    (out / "runs.csv").write_text(buffer.getvalue(), encoding="utf-8")
+    summary = {metric: {"by_method": summarize(rows, metric), "bids_paired": paired(rows, metric=metric)}
+               for metric in ("nll", "exact_match")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    (out / "tables.md").write_text("\n".join(markdown_tables(rows, metric) for metric in ("nll", "exact_match")),
+                                   encoding="utf-8")
+    names = ["base"] + [n for n in (f"bids-{args.budget}-seed0", f"task-max-{args.budget}-seed0",
+                                    f"random-{args.budget}-seed0") if (run / "evaluation" / n).is_dir()]
+    (out / "answers.md").write_text(side_by_side(run, names), encoding="utf-8")
+    for figure in FIGURES:
+        if (run / "report" / figure).is_file():
+            shutil.copy(run / "report" / figure, out / figure)
+    print(f"wrote {out}: {len(rows)} evaluations summarised")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Study tables: a run's evaluations grouped by method, budget and training seed, summarised over seeds.
+
+A run with `train.seeds` holds one evaluation per (method, budget, seed) (`evaluation/<method>-<budget>-seed<k>/`)
+plus `base` and, with `train.full_pool`, `full-seed<k>`. For each group and metric this module gives the
+mean over seeds with a 95% confidence interval from Student's t with n-1 degrees of freedom (the seeds are
+the independent replicates; with three of them the normal interval would be far too narrow), and the
+paired comparison of BIDS with every other method at the same budget: per seed the difference of the
+macro-average and of the worst capability (the same seed means the same LoRA initialisation and data
+order, so the pairs share that part of the noise), their mean and t interval, and how many seeds BIDS won.
+The layouts follow the BIDS paper's Table 2 (methods x capabilities + macro-average + worst) and Table 3
+(instance-max raw -> normalised -> BIDS).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from poise.errors import PoiseError
+from poise.evaluate import LOWER_IS_BETTER, SCORES_FILE
+from poise.io import read_json
+
+#: Two-sided 95% quantiles of Student's t, by degrees of freedom (beyond 30: the normal 1.96).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+       20: 2.086, 25: 2.060, 30: 2.042}
+LABEL = re.compile(r"^(?P<method>.+?)-(?P<budget>\d*\.?\d+)(?:-seed(?P<seed>\d+))?$")
+FULL = re.compile(r"^full(?:-seed(?P<seed>\d+))?$")
+#: The rows of the paper's Table 3, in order: raw instance-max, normalised instance-max, BIDS.
+TABLE3 = ("instance-max", "instance-max-norm", "bids-raw", "bids")
+
+
+def t95(df: int) -> float:
+    if df <= 0:
+        return math.nan
+    known = [d for d in T95 if d <= df]
+    return T95[max(known)] if df <= 30 else 1.96
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% t interval (NaN for one value), n)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(values) / n
+    if n == 1:
+        return mean, math.nan, 1
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, t95(n - 1) * sd / math.sqrt(n), n
+
+
+def parse_label(label: str) -> tuple[str, str | None, int | None]:
+    """`bids-0.1-seed2` -> (bids, 0.1, 2); `full-seed1` -> (full, None, 1); `base` -> (base, None, None)."""
+    if label == "base":
+        return "base", None, None
+    full = FULL.match(label)
+    if full:
+        return "full", None, int(full["seed"]) if full["seed"] else None
+    match = LABEL.match(label)
+    if not match:
+        return label, None, None
+    return match["method"], match["budget"], int(match["seed"]) if match["seed"] else None
+
+
+def collect(run_dir: str | Path, metrics: Sequence[str] = ("nll", "exact_match")) -> list[dict[str, Any]]:
+    """One row per evaluation of the run: label, method, budget, seed, and per metric the per-capability
+    values, macro-average and worst capability."""
+    run_dir = Path(run_dir)
+    rows = []
+    for path in sorted((run_dir / "evaluation").glob(f"*/{SCORES_FILE}")):
+        data = read_json(path)
+        label = str(data.get("label") or path.parent.name)
+        method, budget, seed = parse_label(path.parent.name)
+        row: dict[str, Any] = {"label": label, "method": method, "budget": budget, "seed": seed}
+        for metric in metrics:
+            values = {task: (m.get(metric) or {}).get("value") for task, m in data["scores"].items()}
+            if any(v is None for v in values.values()) or not values:
+                continue
+            lower = metric in LOWER_IS_BETTER
+            row[metric] = {"tasks": values, "macro": sum(values.values()) / len(values),
+                           "worst": max(values.values()) if lower else min(values.values())}
+        rows.append(row)
+    if not rows:
+        raise PoiseError(f"{run_dir}: no evaluations (evaluation/*/{SCORES_FILE})")
+    return rows
+
+
+def summarize(rows: Sequence[dict[str, Any]], metric: str = "nll") -> list[dict[str, Any]]:
+    """Per (method, budget): mean and 95% t half-width over seeds of every capability, the macro-average and
+    the worst capability, with the number of seeds."""
+    groups: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+    for row in rows:
+        if metric in row:
+            groups.setdefault((row["method"], row["budget"]), []).append(row[metric])
+    out = []
+    for (method, budget), values in groups.items():
+        tasks = list(values[0]["tasks"])
+        entry: dict[str, Any] = {"method": method, "budget": budget, "seeds": len(values), "tasks": {}}
+        for task in tasks:
+            entry["tasks"][task] = mean_ci([v["tasks"][task] for v in values])[:2]
+        entry["macro"] = mean_ci([v["macro"] for v in values])[:2]
+        entry["worst"] = mean_ci([v["worst"] for v in values])[:2]
+        out.append(entry)
+    return out
+
+
+def paired(rows: Sequence[dict[str, Any]], reference: str = "bids", metric: str = "nll") -> list[dict[str, Any]]:
+    """BIDS minus each other method at the same budget, paired by training seed: mean difference of the
+    macro-average and of the worst capability with its 95% t half-width, and the seeds BIDS was better on."""
+    lower = metric in LOWER_IS_BETTER
+    by_key = {(r["method"], r["budget"], r["seed"]): r[metric] for r in rows if metric in r}
+    out = []
+    others = sorted({(m, b) for (m, b, _s) in by_key if m not in (reference, "base", "full") and b is not None},
+                    key=lambda k: (str(k[1]), k[0]))
+    budgets = sorted({b for (m, b, _s) in by_key if m == reference and b is not None})
+    others += [("full", b) for b in budgets if any(m == "full" for (m, _b, _s) in by_key)]  # BIDS subset vs all
+    for method, budget in others:
+        own = None if method == "full" else budget
+        seeds = sorted(s for (m, b, s) in by_key if m == method and b == own and (reference, budget, s) in by_key)
+        pairs = [(by_key[(reference, budget, s)], by_key[(method, own, s)]) for s in seeds]
+        if not pairs:
+            continue
+        entry: dict[str, Any] = {"method": method, "budget": budget, "pairs": len(pairs)}
+        for what in ("macro", "worst"):
+            diffs = [ref[what] - other[what] for ref, other in pairs]
+            mean, half, _ = mean_ci(diffs)
+            wins = sum(1 for d in diffs if (d < 0 if lower else d > 0))
+            entry[what] = {"difference": mean, "ci": half, "bids_better_on": wins}
+        out.append(entry)
+    return out
+
+
+def _cell(value: tuple[float, float], digits: int) -> str:
+    mean, half = value
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
+
+
+def markdown_tables(rows: Sequence[dict[str, Any]], metric: str = "nll", digits: int = 3) -> str:
+    """Table 2 (every method per budget), Table 3 (the normalisation / iteration ablation) and the paired
+    comparisons, as markdown."""
+    summary = summarize(rows, metric)
+    if not summary:
+        return ""
+    tasks = list(summary[0]["tasks"])
+    direction = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+    head = "| method | budget | seeds | " + " | ".join(tasks) + " | macro-average | worst |\n"
+    rule = "|---|---|---:|" + "---:|" * (len(tasks) + 2) + "\n"
+
+    def line(entry: dict[str, Any]) -> str:
+        cells = [_cell(entry["tasks"][t], digits) for t in tasks]
+        return (f"| {entry['method']} | {entry['budget'] or '–'} | {entry['seeds']} | " + " | ".join(cells) +
+                f" | {_cell(entry['macro'], digits)} | {_cell(entry['worst'], digits)} |\n")
+
+    order = {m: k for k, m in enumerate(("base", "random", "task-max", "instance-max", "sum", "rds",
+                                         "instance-max-norm", "bids-raw", "bids", "full"))}
+    ranked = sorted(summary, key=lambda e: (str(e["budget"] or ""), order.get(e["method"], 99), e["method"]))
+    text = [f"**Table 2 layout: {metric} ({direction}), mean ± 95% t interval over training seeds**\n\n", head, rule]
+    text += [line(e) for e in ranked]
+    table3 = [e for e in ranked if e["method"] in TABLE3]
+    if table3:
+        text += [f"\n**Table 3 layout: instance-max raw → normalised → BIDS ({metric}, {direction})**\n\n", head, rule]
+        text += [line(e) for e in sorted(table3, key=lambda e: (str(e["budget"]), TABLE3.index(e["method"])))]
+    comparisons = paired(rows, metric=metric)
+    if comparisons:
+        text += [f"\n**BIDS minus each method, paired by training seed ({metric}; {direction}: a "
+                 f"{'negative' if metric in LOWER_IS_BETTER else 'positive'} difference favours BIDS)**\n\n",
+                 "| method | budget | pairs | macro-average difference | BIDS better (seeds) | worst difference | "
+                 "BIDS better (seeds) |\n", "|---|---|---:|---:|---:|---:|---:|\n"]
+        for c in comparisons:
+            text.append(f"| {c['method']} | {c['budget']} | {c['pairs']} | "
+                        f"{_cell((c['macro']['difference'], c['macro']['ci']), digits)} | "
+                        f"{c['macro']['bids_better_on']}/{c['pairs']} | "
+                        f"{_cell((c['worst']['difference'], c['worst']['ci']), digits)} | "
+                        f"{c['worst']['bids_better_on']}/{c['pairs']} |\n")
+    return "".join(text)
+
+
+def side_by_side(run_dir: str | Path, runs: Sequence[str], per_capability: int = 2) -> str:
+    """Appendix A.7 in miniature: for the first held-out prompts of each capability, the gold answer and the
+    greedy answers of the given evaluation runs (their samples.jsonl), as a markdown table."""
+    import json
+
+    run_dir = Path(run_dir)
+    answers: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+    for name in runs:
+        path = run_dir / "evaluation" / name / "samples.jsonl"
+        if path.is_file():
+            answers[name] = {(r["capability"], str(r["id"])): r for r in
+                             (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line)}
+    if not answers:
+        return ""
+    first = next(iter(answers.values()))
+    chosen: list[tuple[str, str]] = []
+    for capability in sorted({c for c, _ in first}):
+        chosen += sorted(k for k in first if k[0] == capability)[:per_capability]
+    names = list(answers)
+    text = ["| capability | id | gold | " + " | ".join(names) + " |\n", "|---|---|---|" + "---|" * len(names) + "\n"]
+
+    def clean(value: Any) -> str:
+        return " ".join(str(value).split()).replace("|", "\\|")[:60] if value is not None else "–"
+
+    for key in chosen:
+        gold = first[key].get("answer")
+        cells = [clean(answers[n].get(key, {}).get("generation")) for n in names]
+        text.append(f"| {key[0]} | {key[1]} | {clean(gold)} | " + " | ".join(cells) + " |\n")
+    return "".join(text)
