@@ -1,0 +1,100 @@
+"""The study tables: t intervals over seeds, BIDS paired by seed, label parsing, side-by-side answers; and the
+mini BIDS study's config run end to end on a tiny model with minimal sizes (so that it cannot rot)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from poise.report.study import collect, markdown_tables, mean_ci, paired, parse_label, side_by_side, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mean_ci_is_the_student_t_interval() -> None:
+    mean, half, n = mean_ci([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3)
+    assert half == pytest.approx(4.303 * 1.0 / math.sqrt(3))  # t(0.975, 2) * sd / sqrt(n)
+    assert math.isnan(mean_ci([5.0])[1])
+
+
+@pytest.mark.parametrize(("label", "parsed"), [
+    ("bids-0.1-seed2", ("bids", "0.1", 2)), ("instance-max-norm-0.15", ("instance-max-norm", "0.15", None)),
+    ("full-seed1", ("full", None, 1)), ("base", ("base", None, None)), ("bids-raw-100-seed0", ("bids-raw", "100", 0)),
+])
+def test_labels_parse_into_method_budget_and_seed(label, parsed) -> None:
+    assert parse_label(label) == parsed
+
+
+def write_scores(run: Path, label: str, nll: dict[str, float]) -> None:
+    folder = run / "evaluation" / label
+    folder.mkdir(parents=True)
+    scores = {task: {"nll": {"value": v, "higher_is_better": False}, "exact_match": {"value": 0.5}}
+              for task, v in nll.items()}
+    (folder / "scores.json").write_text(json.dumps({"label": label, "scores": scores}))
+
+
+def test_seeds_are_summarised_and_bids_is_paired_by_seed(tmp_path) -> None:
+    run = tmp_path / "run"
+    write_scores(run, "base", {"a": 3.0, "b": 4.0})
+    for seed, (bids, rand) in enumerate([((1.0, 2.0), (1.5, 2.2)), ((1.2, 2.1), (1.1, 2.6)), ((1.1, 1.9), (1.4, 2.4))]):
+        write_scores(run, f"bids-0.1-seed{seed}", {"a": bids[0], "b": bids[1]})
+        write_scores(run, f"random-0.1-seed{seed}", {"a": rand[0], "b": rand[1]})
+        write_scores(run, f"full-seed{seed}", {"a": 0.9, "b": 2.0})
+    rows = collect(run)
+    assert len(rows) == 10
+    summary = {(e["method"], e["budget"]): e for e in summarize(rows)}
+    assert summary[("bids", "0.1")]["seeds"] == 3
+    assert summary[("bids", "0.1")]["macro"][0] == pytest.approx((1.5 + 1.65 + 1.5) / 3)
+    assert summary[("bids", "0.1")]["worst"][0] == pytest.approx((2.0 + 2.1 + 1.9) / 3)  # worst = highest NLL
+    comparisons = {(c["method"], c["budget"]): c for c in paired(rows)}
+    random = comparisons[("random", "0.1")]
+    diffs = [1.5 - 1.85, 1.65 - 1.85, 1.5 - 1.9]
+    assert random["macro"]["difference"] == pytest.approx(sum(diffs) / 3)
+    assert random["macro"]["bids_better_on"] == 3  # lower NLL on every seed
+    assert comparisons[("full", "0.1")]["pairs"] == 3
+    text = markdown_tables(rows)
+    assert "Table 2 layout" in text and "BIDS minus each method" in text and "± " in text
+
+
+def test_side_by_side_answers_come_from_the_samples(tmp_path) -> None:
+    for name, answer in (("base", "I think it is 4"), ("bids-0.1-seed0", "4")):
+        folder = tmp_path / "evaluation" / name
+        folder.mkdir(parents=True)
+        (folder / "samples.jsonl").write_text(json.dumps({"capability": "math", "id": "m0", "answer": "4",
+                                                          "generation": answer, "nll": 0.1}) + "\n")
+    table = side_by_side(tmp_path, ["base", "bids-0.1-seed0"])
+    assert "| math | m0 | 4 | I think it is 4 | 4 |" in table
+
+
+def test_the_study_config_runs_on_a_tiny_model_and_summarises(tmp_path) -> None:
+    pytest.importorskip("reasoning_gym")
+    pytest.importorskip("lm_eval")
+    from tiny import tiny_llama, tiny_tokenizer
+
+    from poise import pipeline
+
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    run = tmp_path / "study"
+    result = pipeline.run(ROOT / "experiments" / "mini_bids" / "config.yaml", overrides=[
+        f"model={tmp_path / 'model'}", f"out={run}", "demo_data.pool_size=60", "demo_data.validation_per_task=2",
+        "demo_data.heldout_per_task=2", "max_seq_length=64", "warmup.lora_r=4", "train.lora_r=4", "features.dim=32",
+        "train.methods=[random,bids]", "train.seeds=[0,1]", "evaluate.max_gen_toks=2"])
+    assert set(result.actions.values()) == {"ran"}
+    assert {"selections/random-0.1-seed0", "selections/random-0.1-seed1", "selections/bids-raw-0.15",
+            "selections/instance-max-norm-0.1", "training/full-seed1", "evaluation/bids-0.15-seed1"} <= \
+        set(result.actions)
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "mini_bids" / "summarize.py"), str(run),
+                           "--out", str(out)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert {"runs.csv", "summary.json", "tables.md", "answers.md", "progress.md", "zscore_fit.png"} <= \
+        {p.name for p in out.iterdir()}
+    assert "| random | 0.1 | 2 |" in (out / "tables.md").read_text()
