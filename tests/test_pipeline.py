@@ -97,8 +97,9 @@ def test_run_writes_every_stage_and_a_rerun_skips_them_all(complete_run, inputs,
     printed = capsys.readouterr().out
     assert "skipped" in printed and "ran" not in printed.split("\n")[0]
     assert "macro-average" in printed and "report:" in printed
-    state = json.loads((run / "pipeline.json").read_text())["units"]
-    assert all(unit["complete"] for unit in state.values())
+    state = json.loads((run / "pipeline.json").read_text())
+    assert all(unit["complete"] for unit in state["units"].values())
+    assert state["total_units"] == len(state["units"])
 
 
 def test_changing_a_select_setting_reruns_only_the_units_it_reaches(complete_run, inputs, tmp_path) -> None:

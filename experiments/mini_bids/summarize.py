@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     units = state["units"]
     done = [n for n, u in units.items() if u.get("complete")]
     seconds = sum(float(u.get("seconds") or 0) for u in units.values() if u.get("complete"))
-    lines = [f"# Progress of {run}\n\n", f"- units complete: {len(done)} of {len(units)} started or done\n",
+    total = state.get("total_units")
+    of = f"{total} in the run" if total else f"{len(units)} started or done"
+    lines = [f"# Progress of {run}\n\n", f"- units complete: {len(done)} of {of}\n",
              f"- compute time of the complete units: {seconds / 3600:.2f} h\n"]
     by_stage: dict[str, list[float]] = {}
     for unit in units.values():

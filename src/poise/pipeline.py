@@ -776,6 +776,7 @@ def run(config: str | os.PathLike | RunConfig | dict, *, overrides: Sequence[str
     from poise.model import shared_models
 
     prints = {}
+    state["total_units"] = len(units) + (1 if config.demo_data is not None else 0)
     try:
         with shared_models(), tokenization_cache():
             reachable = [u for u in units if reached(u.stage)]
