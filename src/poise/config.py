@@ -218,17 +218,22 @@ def from_dict(cls: type, data: dict, where: str) -> Any:
     return cls(**values)
 
 
-def load_yaml(path: str | os.PathLike, cls: type, section: str | None = None) -> Any:
-    """Read a YAML settings file (optionally one section of it) into `cls`."""
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A YAML file's content (an empty file is {}); unreadable or invalid YAML is one error naming the line."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise PoiseError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise PoiseError(f"{path}{line}: not valid YAML") from None
+
+
+def load_yaml(path: str | os.PathLike, cls: type, section: str | None = None) -> Any:
+    """Read a YAML settings file (optionally one section of it) into `cls`."""
+    data = read_yaml(path)
     if section and isinstance(data, dict) and section in data:
         data = data[section]
     return from_dict(cls, data, str(path))

@@ -48,6 +48,7 @@ from poise.config import (
     TrainConfig,
     WarmupConfig,
     from_dict,
+    read_yaml,
     to_dict,
 )
 from poise.errors import PoiseError
@@ -314,13 +315,7 @@ def _budget_shape(budget: str, what: str) -> None:
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a run config file, apply `key.path=value` overrides (values in YAML syntax), check it."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise PoiseError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise PoiseError(f"{path}{f':{mark.line + 1}' if mark is not None else ''}: not valid YAML") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise PoiseError(f"{path}: expected a mapping of settings")
     data = apply_overrides(data, overrides)
