@@ -24,7 +24,8 @@ Variants (examples/s each; every variant is warmed up before it is timed):
    `capture_lora_gradients` + `backward_per_example`, `adam_direction` (LESS formula) in the sink,
    `SJLTProjector.add` to d, then L2 normalisation. Model loading, tokenisation, collation and writing
    the feature store are outside the timed loop. Timed over all batches, `--repeat` times, interleaved
-   with the floor; the median pass is reported.
+   with the floor batch by batch (each batch runs every variant back to back, in an order that rotates);
+   the median pass is reported, and the ratios of each batch's fastest run as a check on the load.
 3. `poise rademacher`: the same loop with the dense Rademacher projector (Philox bits regenerated per
    call). Slow, so it is timed on `--slow-batches` batch(es) of median length and reported per example.
 4. `LESS-style reference`: batch size 1, `loss.backward()` over the LoRA parameters, the gradients
@@ -49,6 +50,9 @@ peak minus the RSS just before the batch (fresh processes and no warm-up, becaus
 memory; the first run's one-time allocations are in every variant's number alike).
 `--data demo` takes the examples from poise's demo pool (`poise data demo`: reasoning-gym questions with
 short answers, so most tokens are prompt) instead of the synthetic chats (whose answers are most tokens).
+`--prompt-share 0.6` gives the synthetic chats a context paragraph before the question so that about 60%
+of the tokens are prompt (masked), a realistic instruction-tuning split; the summary reports the share
+measured, and the logit rows (and bytes) the full-logit and target-position paths build.
 
 A breakdown of one instrumented sjlt pass (per-example einsum, Adam map, the three steps of the sjlt
 projection, normalisation, the rest = forward + backward) follows the table; the instrumented features
@@ -60,6 +64,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/bench_features.py --random-init    # same shapes, no weights needed
     .venv/bin/python benchmarks/bench_features.py --quick          # seconds; tiny random Llama, a smoke test
     .venv/bin/python benchmarks/bench_features.py --data demo --skip rademacher,less --memory   # target positions
+    .venv/bin/python benchmarks/bench_features.py --prompt-share 0.6 --examples 32 --skip rademacher,less --memory
 """
 
 from __future__ import annotations
@@ -146,23 +151,40 @@ SENTENCES = [
 ]
 
 
-def make_examples(tokenizer, count: int, lo: int, hi: int, seed: int) -> list[Example]:
+def make_examples(tokenizer, count: int, lo: int, hi: int, seed: int,
+                  prompt_share: float | None = None) -> list[Example]:
     """`count` deterministic one-turn chats whose rendered length spreads evenly over [lo, hi] tokens
-    (each answer grows by a sentence until the chat template's tokens reach its target length)."""
+    (each answer grows by a sentence until the chat template's tokens reach its target length).
+
+    With `prompt_share`, the user turn first grows by context sentences (a "Context: ..." paragraph before
+    the question) until the masked tokens (template, system prompt, user turn) are at least that share of
+    the target length; the answer then fills the rest, so about that share of each example is prompt."""
     from poise.data import tokenize_example
 
     rng = random.Random(seed)
     targets = [round(lo + (hi - lo) * k / max(count - 1, 1)) for k in range(count)]
     rng.shuffle(targets)
     examples = []
+
+    def chat(k: int, prompt: str, answer: list[str]) -> Example:
+        return Example(id=f"ex{k}", messages=[{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": " ".join(answer)}],
+                       input_ids=None, labels=None, task="bench", where=f"bench[{k}]")
+
     for k, target in enumerate(targets):
         prompt = PROMPTS[k % len(PROMPTS)]
+        if prompt_share:
+            context: list[str] = []
+            while len(context) <= 200:
+                item = tokenize_example(chat(k, prompt, ["."]), tokenizer, 100_000)
+                if len(item) - item.n_targets >= prompt_share * target:
+                    break
+                context.append(rng.choice(SENTENCES))
+                prompt = "Context: " + " ".join(context) + "\n\n" + PROMPTS[k % len(PROMPTS)]
         answer: list[str] = []
         while True:
             answer.append(rng.choice(SENTENCES))
-            example = Example(id=f"ex{k}", messages=[{"role": "user", "content": prompt},
-                                                     {"role": "assistant", "content": " ".join(answer)}],
-                              input_ids=None, labels=None, task="bench", where=f"bench[{k}]")
+            example = chat(k, prompt, answer)
             if len(tokenize_example(example, tokenizer, 100_000)) >= target or len(answer) > 200:
                 break
         examples.append(example)
@@ -446,6 +468,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny random Llama and sizes, for a smoke test")
     parser.add_argument("--data", choices=("synthetic", "demo"), default="synthetic",
                         help="synthetic chats (long answers) or poise's demo pool (short answers; needs reasoning-gym)")
+    parser.add_argument("--prompt-share", type=float, default=None, metavar="P",
+                        help="synthetic data: grow each prompt until about this share of the tokens is prompt "
+                             "(masked), e.g. 0.6; default: short prompts, answers are most tokens")
     parser.add_argument("--memory", action="store_true",
                         help="also measure each variant's peak memory on the largest batch, in fresh processes")
     parser.add_argument("--probe", choices=("floor", "sjlt", "sjlt-full"), help=argparse.SUPPRESS)
@@ -460,6 +485,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--skip takes rademacher and/or less")
     if min(args.examples, args.repeat, args.slow_batches, args.less_examples, args.less_blocks, args.dim) < 1:
         parser.error("counts must be positive")
+    if args.prompt_share is not None and not 0 <= args.prompt_share < 1:
+        parser.error("--prompt-share must be in [0, 1)")
+    if args.prompt_share is not None and args.data == "demo":
+        parser.error("--prompt-share shapes the synthetic data; the demo pool has its own prompts")
     if args.min_tokens > args.max_tokens_per_example:
         parser.error("--min-tokens must not exceed --max-tokens-per-example")
     return args
@@ -484,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data == "demo":
         examples = demo_examples(args.examples, args.seed)
     else:
-        examples = make_examples(tokenizer, args.examples, args.min_tokens, args.max_tokens_per_example, args.seed)
+        examples = make_examples(tokenizer, args.examples, args.min_tokens, args.max_tokens_per_example, args.seed,
+                                 args.prompt_share)
     _, tokenized, _ = tokenize_examples(examples, tokenizer, 2048, progress=False)  # as the stage (default 2048)
     lengths = [len(t) for t in tokenized]
     targets = [t.n_targets for t in tokenized]
@@ -562,11 +592,17 @@ def main(argv: list[str] | None = None) -> int:
 
     with full_logits():
         poise_pass(warm, None)
+    # Interleaved batch by batch: each batch runs the three variants back to back, in an order that rotates
+    # with the batch and the pass, so that a change in the machine's load falls on all three alike.
     floor_runs, sjlt_runs, full_runs = [], [], []
+    variants = [(floor_runs, floor_pass), (full_runs, full_pass), (sjlt_runs, lambda w: poise_pass(w, sjlt))]
     for r in range(args.repeat):
-        floor_runs.append(floor_pass(every))
-        full_runs.append(full_pass(every))
-        sjlt_runs.append(poise_pass(every, sjlt))
+        for runs, _ in variants:
+            runs.append([0.0] * len(every))
+        for k in every:
+            for j in range(len(variants)):
+                runs, run_pass = variants[(r + k + j) % len(variants)]
+                runs[-1][k] = run_pass([k])[0]
         print(f"  pass {r + 1}/{args.repeat}: floor {sum(floor_runs[-1]):.2f} s, sjlt with full logits "
               f"{sum(full_runs[-1]):.2f} s, sjlt {sum(sjlt_runs[-1]):.2f} s (load {load()})", flush=True)
     floor_s = statistics.median(sum(run) for run in floor_runs)
@@ -574,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     full_s = statistics.median(sum(run) for run in full_runs)
     paired = [sum(f) / sum(s) for f, s in zip(floor_runs, sjlt_runs, strict=True)]  # back-to-back passes
     paired_full = [sum(f) / sum(s) for f, s in zip(full_runs, sjlt_runs, strict=True)]
+
+    def fastest(runs: list[list[float]]) -> float:  # each batch's fastest run, summed: load only adds time
+        return sum(min(run[k] for run in runs) for k in every)
 
     # --------------------------------------------------------------------- breakdown of one sjlt pass
     set_lora_grad(model, False)
@@ -721,6 +760,9 @@ def main(argv: list[str] | None = None) -> int:
     checks.append(f"sjlt / floor in examples/s = {floor_s / sjlt_s:.3f} (target >= 1.1 with logits at target "
                   f"positions only): {'met' if floor_s / sjlt_s >= 1.1 else 'MISSED'}; sjlt / sjlt with full logits = "
                   f"{full_s / sjlt_s:.3f} (per back-to-back pass {', '.join(f'{p:.3f}' for p in paired_full)})")
+    checks.append(f"with each batch's fastest of the {args.repeat} runs: sjlt / floor in examples/s = "
+                  f"{fastest(floor_runs) / fastest(sjlt_runs):.3f}, sjlt / sjlt with full logits = "
+                  f"{fastest(full_runs) / fastest(sjlt_runs):.3f}")
     if args.memory:
         memory = Table("Peak memory of one batch (the one with the most padded tokens): its first run in a fresh "
                        "process per variant (first-call allocations, the same for all, are included: compare the "
@@ -750,11 +792,23 @@ def main(argv: list[str] | None = None) -> int:
     if less_rate:
         checks.append(f"sjlt / LESS-style reference = {sjlt_rate / less_rate:,.0f}x in examples/s (target >= 20x): "
                       f"{'met' if sjlt_rate / less_rate >= 20 else 'MISSED'}")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows_full = [c["input_ids"].numel() for c in collated]  # logit rows of the full path: every position
+    rows_gathered = [int((c["labels"][:, 1:] != -100).sum()) for c in collated]  # the target positions
+    big = max(range(len(collated)), key=lambda k: rows_full[k])
+    logits_note = (f"float32 logits (V = {vocab:,}) of the largest batch {tuple(collated[big]['input_ids'].shape)}: "
+                   f"{rows_full[big] * vocab * 4 / 2**20:,.0f} MiB full, {rows_gathered[big] * vocab * 4 / 2**20:,.0f} "
+                   f"MiB at its {rows_gathered[big]} target positions; over all batches {sum(rows_gathered):,} of "
+                   f"{sum(rows_full):,} logit rows ({sum(rows_gathered) / sum(rows_full):.1%}); the softmax and the "
+                   "logits' gradient are as large again each")
     summary = [f"model: {model_what}", f"n = {n:,} LoRA parameters ({len(shapes)} matrices), d = {args.dim}",
                f"examples ({args.data}): {n_examples}, target tokens/example mean {statistics.mean(targets):.1f}, "
                f"tokens/example mean {statistics.mean(lengths):.1f} (median "
                f"{statistics.median(lengths):.0f}, {min(lengths)}-{max(lengths)}), {len(batches)} batches of <= "
-               f"{args.max_batch_size} (max_tokens {args.max_tokens}), padded tokens {padded:,}",
+               f"{args.max_batch_size} (max_tokens {args.max_tokens}), padded tokens {padded:,}; prompt (masked) "
+               f"tokens {1 - sum(targets) / sum(lengths):.1%} of the real tokens"
+               + (f" (--prompt-share {args.prompt_share:g})" if args.prompt_share is not None else ""),
+               logits_note,
                f"load average: {load_start} at start, {load_end} at end; peak RSS of the process "
                f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"]
 

@@ -25,3 +25,19 @@ def test_bench_features_quick(tmp_path):
     assert "floor time / sjlt time" in out and "sjlt / LESS-style reference" in out
     text = markdown.read_text(encoding="utf-8")
     assert "| variant | batch | examples | seconds | examples/s | vs floor | vs LESS-style ref. |" in text
+
+
+def test_prompt_share_makes_that_share_of_the_tokens_prompt():
+    sys.path.insert(0, str(BENCH.parent))
+    from bench_features import make_examples
+    from tiny import tiny_tokenizer
+
+    from poise.data import tokenize_examples
+
+    tokenizer = tiny_tokenizer()
+    for share in (None, 0.6):
+        _, tokenized, _ = tokenize_examples(make_examples(tokenizer, 12, 60, 200, 0, share), tokenizer, 2048,
+                                            progress=False)
+        masked = 1 - sum(t.n_targets for t in tokenized) / sum(len(t) for t in tokenized)
+        assert (masked < 0.4) if share is None else (0.55 <= masked <= 0.75), (share, masked)
+        assert min(len(t) for t in tokenized) >= 60

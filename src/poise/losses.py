@@ -7,9 +7,26 @@ over the effective batch (training) weights every example equally, whatever its 
 `model_losses` computes the vocabulary projection only where it is needed: a pre-hook on the model's
 output embedding (the LM head) hands it the final hidden states at the target positions alone, (1, n, h)
 instead of (b, t, h), so the (b, t, V) logits, usually the largest tensor of a forward pass, are never
-built. Whatever the model's forward does after the head (logit soft-capping, scaling) is elementwise and
-so applies to the gathered rows unchanged. The hook sits on the head module itself, so it works through
-peft, DDP and FSDP wrappers; a model whose forward does not call its head that way gets the full logits.
+built. The hook sits on the head module itself, so it works through peft, DDP and FSDP wrappers.
+
+When the gathered path is used, and why it gives the full-logit numbers:
+
+- the model (or a `.module` it wraps) has `get_output_embeddings()`, and within the forward that module's
+  first call with a 3-D input gets exactly (b, t, h) for the (b, t) batch: the final hidden states, one
+  row per input position. The hidden states are computed by the same operations as before (the decoder
+  body does not see the hook), so they are bit for bit the same; only the head and the cross-entropy run
+  on n rows instead of b*t, in float32 as before;
+- the logits the forward returns have shape (1, n, V'). What a causal LM's forward does after its head is
+  per position: in transformers 5.25 (every `*ForCausalLM`/conditional-generation forward surveyed) it is
+  nothing, or logit soft-capping `c * tanh(z / c)` (Gemma 2/3, `final_logit_softcapping`), a constant
+  scale (Cohere `logit_scale`, Granite `logits_scaling`, `output_multiplier`), a slice or mask of the
+  vocabulary axis, or a bias per vocabulary entry. Each maps a position's logits to that position's
+  logits, so it commutes with picking positions and applies to the gathered rows exactly.
+
+Otherwise the loss is computed from the full logits, as `per_example_losses` always did: slower, never
+different. No head found, the head never called, or called first with another shape (a model that
+prepends virtual tokens): the hook leaves the input alone. Gathered logits of another shape come back (the
+forward reshaped them): the forward is run once more without the hook.
 """
 
 from __future__ import annotations
@@ -65,17 +82,22 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 @contextmanager
-def _head_sees(head: nn.Module | None, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[dict[str, bool]]:
-    """Within the block, `head` receives (1, n, h): the hidden states at (rows, positions) only."""
-    seen = {"gathered": False}
+def _head_sees(head: nn.Module | None, rows: torch.Tensor, positions: torch.Tensor,
+               shape: tuple[int, int]) -> Iterator[dict[str, bool]]:
+    """Within the block, `head` receives (1, n, h): the hidden states at (rows, positions) only, if its first
+    3-D input is (b, t, h) with (b, t) = `shape` (the batch); any other first input leaves it alone."""
+    seen = {"called": False, "gathered": False}
     if head is None:
         yield seen
         return
 
     def gather(module: nn.Module, args: tuple) -> tuple:
-        hidden = args[0]
-        if hidden.dim() != 3 or seen["gathered"]:
+        hidden = args[0] if args else None
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or seen["called"]:
             return args
+        seen["called"] = True
+        if tuple(hidden.shape[:2]) != shape:
+            return args  # not one row per input position: the full logits
         seen["gathered"] = True
         return (hidden[rows, positions].unsqueeze(0), *args[1:])  # (1, n, h)
 
@@ -94,13 +116,18 @@ def model_losses(model: nn.Module, batch: dict[str, torch.Tensor], head: nn.Modu
     labels = batch["labels"]
     rows, positions, targets, counts = target_positions(labels)
     head = head if head is not None else _output_head(model)
-    with _head_sees(head, rows, positions) as seen:
-        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], use_cache=False, **forward)
-    logits = output.logits
-    if not seen["gathered"] or logits.shape[:2] != (1, rows.numel()):
-        return per_example_losses(logits, labels), output  # the head was not called as expected: full logits
-    token_loss = nn.functional.cross_entropy(logits[0].float(), targets, reduction="none")  # (n,)
-    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device).index_add_(0, rows,
-                                                                                                     token_loss)
-    return sums / counts, output
+
+    def run() -> Any:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], use_cache=False, **forward)
+
+    with _head_sees(head, rows, positions, tuple(labels.shape)) as seen:
+        output = run()
+    if seen["gathered"] and tuple(output.logits.shape[:2]) == (1, rows.numel()):
+        token_loss = nn.functional.cross_entropy(output.logits[0].float(), targets, reduction="none")  # (n,)
+        sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device)
+        return sums.index_add_(0, rows, token_loss) / counts, output
+    if seen["gathered"]:
+        del output
+        output = run()  # the forward changed the gathered logits' shape: again without the hook, full logits
+    return per_example_losses(output.logits, labels), output  # the head was not called as expected: full logits

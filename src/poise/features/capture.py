@@ -99,7 +99,10 @@ def backward_per_example(model: nn.Module, batch: dict[str, torch.Tensor]) -> to
     try:
         with torch.enable_grad():
             losses, _ = model_losses(model, batch)  # logits at target positions only
-            torch.autograd.grad(losses.sum(), keep)
+            # allow_unused: when model_losses had to rerun the forward, the first run's embeddings are unused
+            grads = torch.autograd.grad(losses.sum(), keep, allow_unused=True)
+            if all(g is None for g in grads):
+                raise PoiseError("the loss does not depend on the input embeddings' output")
     finally:
         handle.remove()
     return losses.detach()
