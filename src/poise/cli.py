@@ -13,8 +13,7 @@ import sys
 import time
 import typing
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,23 +91,6 @@ def build_config(cls: type, args: argparse.Namespace, section: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------ commands
-@contextmanager
-def _progress(description: str, unit: str, log: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """Yields a (done, total) callback: a bar on a terminal; without one, log lines (`log`) or nothing."""
-    from poise.progress import track
-
-    state: dict[str, Any] = {}
-    with ExitStack() as stack:
-        def update(done: int, total: int) -> None:
-            if "tracker" not in state:
-                state["tracker"] = stack.enter_context(
-                    track(description, total, unit=unit, enabled=log or sys.stderr.isatty()))
-            tracker = state["tracker"]
-            tracker.advance(done - tracker.done)
-
-        yield update
-
-
 def _run_under_torchrun(run: Callable[[Any], Any], config: Any) -> tuple[Any, float, bool]:
     """Run a stage that may be launched by torchrun: (result, seconds, is rank 0); leaves the group after."""
     from poise import distributed
@@ -221,9 +203,10 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     from poise.attribution import compute_attribution
+    from poise.progress import callback
 
     config = build_config(AttributeConfig, args, "attribute")
-    with _progress("attribute", unit="rows") as update:
+    with callback("attribute", unit="rows") as update:
         out = compute_attribution(config, progress=update)
     print(f"attribution: {out} (poise select --attribution {out} ...)")
     return 0
@@ -232,11 +215,12 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from poise.progress import callback
     from poise.selection.stage import run_select
 
     config = build_config(SelectConfig, args, "select")
     started = time.perf_counter()
-    with _progress(f"select {config.method}", unit="steps", log=False) as update:
+    with callback(f"select {config.method}", unit="steps", log=False) as update:
         selection, reused = run_select(config, progress=update)
     console = Console(soft_wrap=True)
     verb = "up to date:" if reused else "selected"

@@ -31,7 +31,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,19 +471,15 @@ def _fingerprint(unit: Unit, prints: dict[str, str], run: Path) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def _budget_name(budget: str) -> str:
-    return budget
-
-
 def _selection_name(method: str, budget: str) -> str:
-    return f"{method}-{_budget_name(budget)}"
+    return f"{method}-{budget}"
 
 
 def _training_name(selection: str, seed: int, seeds: Sequence[int]) -> str:
     return selection if len(seeds) == 1 else f"{selection}-seed{seed}"
 
 
-def build_units(config: RunConfig, run: Path, inputs: Inputs, console: Any) -> list[Unit]:
+def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
     """Every unit of the run in order (data excluded: it runs before the inputs can be checked)."""
     from poise.attribution import compute_attribution
     from poise.evaluate import SCORES_FILE, run_evaluate
@@ -622,7 +617,7 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs, console: Any) -> l
     report_values["validation"] = inputs.validation
     rc = from_dict(ReportConfig, report_values, "report")
     units.append(Unit("report", "report", {**_stable(rc), "validation": inputs.digests["validation"]},
-                      selections + evaluations, lambda: _report(rc, console),
+                      selections + evaluations, lambda: _report(rc),
                       lambda: (run / "report" / "report.html").is_file()))
     return units
 
@@ -649,24 +644,18 @@ def _features_complete(folder: Path) -> bool:
 
 def _with_progress(function: Callable[..., Any], config: Any, description: str, unit: str) -> Callable[[], Any]:
     def call() -> Any:
-        from poise.progress import track
+        from poise.progress import callback
 
-        state: dict[str, Any] = {}
-        with ExitStack() as stack:
-            def update(done: int, total: int) -> None:
-                if "bar" not in state:
-                    state["bar"] = stack.enter_context(track(description, total, unit=unit))
-                state["bar"].advance(done - state["bar"].done)
-
+        with callback(description, unit) as update:
             return function(config, progress=update)
 
     return call
 
 
-def _report(config: ReportConfig, console: Any) -> Any:
+def _report(config: ReportConfig) -> Any:
     from poise.report import run_report
 
-    return run_report(config, console=None)
+    return run_report(config)  # the run's summary is printed once at the end (summarize)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -705,18 +694,15 @@ def _stage_index(name: str | None, flag: str) -> int | None:
 
 
 def run(config: str | os.PathLike | RunConfig | dict, *, overrides: Sequence[str] = (), from_stage: str | None = None,
-        until: str | None = None, console: Any = None) -> RunResult:
+        until: str | None = None) -> RunResult:
     """Run the pipeline (see the module docstring); returns what was done.
 
     `config` is a YAML file, a `RunConfig` or a mapping as in the file. `from_stage` reruns that stage and
-    every later one even when up to date; `until` stops after that stage.
+    every later one even when up to date; `until` stops after that stage. `summarize` prints the outcome.
     """
-    from rich.console import Console
-
     from poise.progress import note
 
     started = time.perf_counter()
-    console = console or Console(soft_wrap=True, stderr=False)
     if isinstance(config, RunConfig):
         if overrides:
             raise PoiseError("overrides apply to a config file or mapping, not to a RunConfig object")
@@ -753,14 +739,14 @@ def run(config: str | os.PathLike | RunConfig | dict, *, overrides: Sequence[str
         prints: dict[str, str] = {}
         if main:
             out.mkdir(parents=True, exist_ok=True)
-        _execute([data_unit], prints, state, out, actions, forced, console)
+        _execute([data_unit], prints, state, out, actions, forced)
         distributed.barrier()
         pool, validation, evaluation = (str(data_dir / "pool.jsonl"), str(data_dir / "validation"),
                                         str(data_dir / "heldout"))
         if not reached("data"):
             return RunResult(out, actions, time.perf_counter() - started)
     inputs = check_inputs(config, pool, validation, evaluation)  # type: ignore[arg-type]
-    units = build_units(config, out, inputs, console)
+    units = build_units(config, out, inputs)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_FILE, f"# resolved by poise {__version__}\n" + config.to_yaml())
@@ -775,7 +761,7 @@ def run(config: str | os.PathLike | RunConfig | dict, *, overrides: Sequence[str
     try:
         with shared_models(), tokenization_cache():
             reachable = [u for u in units if reached(u.stage)]
-            _execute(reachable, prints, state, out, actions, forced, console)
+            _execute(reachable, prints, state, out, actions, forced)
     finally:
         distributed.shutdown()
     for unit in units:
@@ -786,7 +772,7 @@ def run(config: str | os.PathLike | RunConfig | dict, *, overrides: Sequence[str
 
 
 def _execute(units: list[Unit], prints: dict[str, str], state: dict[str, Any], out: Path,
-             actions: dict[str, str], forced: Callable[[str], bool], console: Any) -> None:
+             actions: dict[str, str], forced: Callable[[str], bool]) -> None:
     from poise.progress import note
 
     main = distributed.is_main()

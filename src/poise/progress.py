@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any, TextIO
 
 #: Without a terminal: a line at every this fraction of the work...
@@ -121,3 +121,19 @@ def track(description: str, total: int, unit: str = "examples", done: int = 0, e
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=Console(file=stream), transient=True) as bar:
         yield Tracker(description, total, unit, done, bar, stream, log=False)
+
+
+@contextmanager
+def callback(description: str, unit: str, log: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """Yields a (done, total) callback for stages that report progress that way (attribute, select): a bar
+    on a terminal; without one, log lines (`log`) or nothing. The bar starts at the first call."""
+    state: dict = {}
+    with ExitStack() as stack:
+        def update(done: int, total: int) -> None:
+            if "tracker" not in state:
+                state["tracker"] = stack.enter_context(
+                    track(description, total, unit=unit, enabled=log or sys.stderr.isatty()))
+            tracker = state["tracker"]
+            tracker.advance(done - tracker.done)
+
+        yield update
