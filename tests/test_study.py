@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from poise.report.study import collect, markdown_tables, mean_ci, paired, parse_label, side_by_side, summarize
+from poise.report.study import (
+    collect,
+    markdown_tables,
+    mean_ci,
+    overlap_table,
+    paired,
+    parse_label,
+    selection_overlap,
+    side_by_side,
+    summarize,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +82,37 @@ def test_side_by_side_answers_come_from_the_samples(tmp_path) -> None:
     assert "| math | m0 | 4 | I think it is 4 | 4 |" in table
 
 
+def write_selection(run: Path, name: str, ids: list[int], n_pool: int = 100) -> None:
+    folder = run / "selections" / name
+    folder.mkdir(parents=True)
+    (folder / "selection.json").write_text(json.dumps({"method": "bids", "budget": 0.1, "n_pool": n_pool,
+                                                       "indices": ids, "trace": []}))
+    (folder / "selected.jsonl").write_text("".join(json.dumps({"id": f"ex{i}"}) + "\n" for i in ids))
+
+
+def test_selection_overlap_is_the_jaccard_of_the_picked_ids(tmp_path) -> None:
+    write_selection(tmp_path / "a", "bids-0.1", list(range(10)))
+    write_selection(tmp_path / "b", "bids-0.1", list(range(5, 15)))
+    write_selection(tmp_path / "a", "task-max-0.1", [1, 2])  # only in one run: not compared
+    (entry,) = selection_overlap(tmp_path / "a", tmp_path / "b")
+    assert entry["selection"] == "bids-0.1" and entry["shared"] == 5
+    assert entry["jaccard"] == pytest.approx(5 / 15)
+    # two independent uniform 10-of-100 draws share 1 example on average: 1 / (10 + 10 - 1)
+    assert entry["random_jaccard"] == pytest.approx(1 / 19)
+    assert "| bids-0.1 | 10 / 10 | 5 | 0.33 | 0.05 |" in overlap_table([entry])
+
+
+def study_seed1_overrides() -> list[str]:
+    """The second-seed run's `--set` overrides, as `make study` passes them (Makefile STUDY_SEED1)."""
+    import shlex
+
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith("STUDY_SEED1 :="))
+    words = shlex.split(line.split(":=", 1)[1])
+    assert words[-2:] == ["--until", "select"]
+    return [words[k + 1] for k, w in enumerate(words) if w == "--set"]
+
+
 def test_the_study_config_runs_on_a_tiny_model_and_summarises(tmp_path) -> None:
     pytest.importorskip("reasoning_gym")
     pytest.importorskip("lm_eval")
@@ -83,18 +124,26 @@ def test_the_study_config_runs_on_a_tiny_model_and_summarises(tmp_path) -> None:
     tiny_llama(tokenizer).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     run = tmp_path / "study"
+    tiny = [f"model={tmp_path / 'model'}", "demo_data.pool_size=60", "demo_data.validation_per_task=2",
+            "demo_data.heldout_per_task=2", "max_seq_length=64", "warmup.lora_r=4", "train.lora_r=4", "features.dim=32"]
     result = pipeline.run(ROOT / "experiments" / "mini_bids" / "config.yaml", overrides=[
-        f"model={tmp_path / 'model'}", f"out={run}", "demo_data.pool_size=60", "demo_data.validation_per_task=2",
-        "demo_data.heldout_per_task=2", "max_seq_length=64", "warmup.lora_r=4", "train.lora_r=4", "features.dim=32",
-        "train.methods=[random,bids]", "train.seeds=[0,1]", "evaluate.max_gen_toks=2"])
+        *tiny, f"out={run}", "train.methods=[random,bids]", "train.seeds=[0,1]", "evaluate.max_gen_toks=2"])
     assert set(result.actions.values()) == {"ran"}
     assert {"selections/random-0.1-seed0", "selections/random-0.1-seed1", "selections/bids-raw-0.15",
             "selections/instance-max-norm-0.1", "training/full-seed1", "evaluation/bids-0.15-seed1"} <= \
         set(result.actions)
+    second = tmp_path / "study_seed1"
+    overrides = [o for o in study_seed1_overrides() if not o.startswith("out=")]
+    again = pipeline.run(ROOT / "experiments" / "mini_bids" / "config.yaml", until="select",
+                         overrides=[*tiny, f"out={second}", *overrides])
+    assert {"selections/bids-0.1", "selections/task-max-0.15"} <= set(again.actions)
+    ran = {name for name, action in again.actions.items() if action == "ran"}
+    assert not any(name.startswith(("training", "evaluation", "selections/random")) for name in ran), again.actions
     out = tmp_path / "results"
     done = subprocess.run([sys.executable, str(ROOT / "experiments" / "mini_bids" / "summarize.py"), str(run),
-                           "--out", str(out)], capture_output=True, text=True, check=False)
+                           "--second", str(second), "--out", str(out)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert {"runs.csv", "summary.json", "tables.md", "answers.md", "progress.md", "zscore_fit.png"} <= \
         {p.name for p in out.iterdir()}
     assert "| random | 0.1 | 2 |" in (out / "tables.md").read_text()
+    assert "| bids-0.15 |" in (out / "overlap.md").read_text()

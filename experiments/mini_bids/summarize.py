@@ -6,8 +6,9 @@ Writes `runs.csv` (one row per evaluation: method, budget, seed, per capability 
 worst), `summary.json` (means, 95% t intervals, paired comparisons), `tables.md` (the paper's Table 2 and 3
 layouts and the paired comparisons, for NLL and exact match), `answers.md` (Appendix A.7: held-out prompts
 answered by the base model and by BIDS, task-max and random fine-tunes), `progress.md` (which units are
-done), and copies the report's AID, THI and z-score figures. It works on a partial run: whatever is
-evaluated so far is summarised, and `progress.md` says what is missing.
+done), `overlap.md` (with `--second`: how much the task-max and BIDS selections move when the warmup and
+the projection are redone with another seed) and copies the report's AID, THI and z-score figures. It
+works on a partial run: whatever is evaluated so far is summarised, and `progress.md` says what is missing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from poise.report.study import collect, markdown_tables, paired, side_by_side, summarize
+from poise.report.study import (
+    collect,
+    markdown_tables,
+    overlap_table,
+    paired,
+    selection_overlap,
+    side_by_side,
+    summarize,
+)
 
 FIGURES = ("aid_comparison.png", "thi_comparison.png", "zscore_fit.png")
 
@@ -30,9 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="the study's run directory (runs/mini_bids)")
     parser.add_argument("--out", required=True, help="folder for the result files")
     parser.add_argument("--budget", default="0.15", help="budget of the runs in answers.md (default 0.15)")
+    parser.add_argument("--second", help="the same study's selections with another warmup/projection seed "
+                        "(runs/mini_bids_seed1): their Jaccard overlap goes to overlap.md")
     args = parser.parse_args(argv)
     run, out = Path(args.run), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.second and (Path(args.second) / "selections").is_dir():
+        entries = selection_overlap(run, args.second)
+        (out / "overlap.json").write_text(json.dumps(entries, indent=1), encoding="utf-8")
+        (out / "overlap.md").write_text(
+            f"**Selections of {run} (seed A) and {args.second} (seed B: warmup and projection redone with "
+            "another seed), Jaccard overlap of the picked example ids**\n\n" + overlap_table(entries),
+            encoding="utf-8")
 
     state = json.loads((run / "pipeline.json").read_text()) if (run / "pipeline.json").is_file() else {"units": {}}
     units = state["units"]

@@ -209,3 +209,46 @@ def side_by_side(run_dir: str | Path, runs: Sequence[str], per_capability: int =
         cells = [clean(answers[n].get(key, {}).get("generation")) for n in names]
         text.append(f"| {key[0]} | {key[1]} | {clean(gold)} | " + " | ".join(cells) + " |\n")
     return "".join(text)
+
+
+def _selected_ids(folder: Path) -> list[str]:
+    """The picks of a selection folder as example ids (selected.jsonl), or as pool rows (selection.json)."""
+    import json
+
+    lines = (folder / "selected.jsonl")
+    if lines.is_file():
+        ids = [json.loads(line).get("id") for line in lines.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if all(i is not None for i in ids):
+            return [str(i) for i in ids]
+    return [f"row{i}" for i in read_json(folder / "selection.json")["indices"]]
+
+
+def selection_overlap(run_a: str | Path, run_b: str | Path) -> list[dict[str, Any]]:
+    """How much a selection moves when the warmup/features are redone with another seed: for every selection
+    folder the two runs share, the Jaccard overlap of their picks (by example id), with the overlap two
+    independent uniform draws of the same sizes would have in expectation (k_a k_b / n shared on average)."""
+    run_a, run_b = Path(run_a), Path(run_b)
+    out = []
+    for folder in sorted(p for p in (run_a / "selections").glob("*") if (p / "selection.json").is_file()):
+        other = run_b / "selections" / folder.name
+        if not (other / "selection.json").is_file():
+            continue
+        a, b = set(_selected_ids(folder)), set(_selected_ids(other))
+        n = int(read_json(folder / "selection.json")["n_pool"])
+        shared = len(a & b)
+        expected = len(a) * len(b) / n if n else math.nan
+        out.append({"selection": folder.name, "size": [len(a), len(b)], "shared": shared,
+                    "jaccard": shared / len(a | b) if a | b else math.nan,
+                    "random_jaccard": expected / (len(a) + len(b) - expected) if n else math.nan})
+    return out
+
+
+def overlap_table(entries: Sequence[dict[str, Any]]) -> str:
+    """`selection_overlap` as a markdown table."""
+    if not entries:
+        return ""
+    text = ["| selection | picks (seed A / seed B) | shared | Jaccard | Jaccard of two random draws |\n",
+            "|---|---:|---:|---:|---:|\n"]
+    text += [f"| {e['selection']} | {e['size'][0]} / {e['size'][1]} | {e['shared']} | {e['jaccard']:.2f} | "
+             f"{e['random_jaccard']:.2f} |\n" for e in entries]
+    return "".join(text)
