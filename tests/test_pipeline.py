@@ -294,3 +294,16 @@ def test_pool_examples_the_features_left_out_are_matched_by_id(tmp_path) -> None
                               row_ids=["p0", "p2", "x9"])
     with pytest.raises(PoiseError, match="5 examples but the matrix has 3 rows"):
         check_pool(tmp_path / "pool.jsonl", other)
+
+
+def test_lm_eval_tasks_without_local_held_out_files_still_get_evaluation_units(inputs, tmp_path) -> None:
+    """`evaluate.tasks` alone (e.g. bids-suite on the hub) evaluates base and every training; nothing is loaded."""
+    data = config(inputs, tmp_path / "run", evaluation=None, evaluate__tasks=["gsm8k"])
+    run_config = pipeline.parse_config(data, "config")
+    found = pipeline.check_inputs(run_config, data["pool"], data["validation"], None)
+    units = pipeline.build_units(run_config, tmp_path / "run", found)
+    evaluations = [u.name for u in units if u.stage == "evaluate"]
+    assert evaluations == ["evaluation/base", "evaluation/bids-0.25", "evaluation/task-max-0.25",
+                           "evaluation/random-0.25"]
+    report = next(u for u in units if u.stage == "report")
+    assert set(evaluations) <= set(report.needs)

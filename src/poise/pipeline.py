@@ -591,8 +591,8 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
 
     # evaluation
     evaluations: list[str] = []
-    if inputs.evaluation:
-        ev = config.section("evaluate")
+    ev = config.section("evaluate")
+    if inputs.evaluation or ev.get("tasks"):  # local held-out files, lm-eval tasks, or both
         base = ev.pop("base")
         runs: list[tuple[str, str | None]] = ([("base", None)] if base else []) + \
             [(label, unit) for label, (unit, _) in trained.items()]
@@ -603,7 +603,7 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
                                             "data": [str(p) for p in inputs.evaluation.values()], "label": label,
                                             "template": config.template, "device": config.device,
                                             "dtype": config.dtype}, name)
-            units.append(Unit("evaluate", name, {**_stable(ec), "evaluation": inputs.digests["evaluation"]},
+            units.append(Unit("evaluate", name, {**_stable(ec), "evaluation": inputs.digests.get("evaluation")},
                               [unit] if unit else [], lambda ec=ec: run_evaluate(ec),
                               lambda name=name: (run / name / SCORES_FILE).is_file()))
             evaluations.append(name)
