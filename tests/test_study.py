@@ -147,3 +147,20 @@ def test_the_study_config_runs_on_a_tiny_model_and_summarises(tmp_path) -> None:
         {p.name for p in out.iterdir()}
     assert "| random | 0.1 | 2 |" in (out / "tables.md").read_text()
     assert "| bids-0.15 |" in (out / "overlap.md").read_text()
+
+
+def test_the_readme_gpu_command_is_a_valid_config_with_the_papers_sizes() -> None:
+    """experiments/mini_bids/README.md's GPU command parses against the study config (no model load)."""
+    import shlex
+
+    from poise.pipeline import load_config
+
+    text = (ROOT / "experiments" / "mini_bids" / "README.md").read_text()
+    block = text[text.index("**On a GPU**"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    words = shlex.split(block.replace("\\\n", " "))
+    assert words[:3] == ["poise", "run", "experiments/mini_bids/config.yaml"]
+    overrides = [words[k + 1] for k, w in enumerate(words) if w == "--set"]
+    config = load_config(ROOT / "experiments" / "mini_bids" / "config.yaml", overrides)
+    warmup, features, train = (config.section(s) for s in ("warmup", "features", "train"))
+    assert (warmup["fraction"], warmup["epochs"], warmup["lora_r"], warmup["lora_alpha"]) == (1.0, 4, 128, 512)
+    assert (features["dim"], train["lr"], train["batch_size"], config.device) == (8192, 2e-5, 128, "cuda")
