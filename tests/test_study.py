@@ -15,6 +15,8 @@ from poise.report.study import (
     collect,
     markdown_tables,
     mean_ci,
+    orderings,
+    orderings_table,
     overlap_table,
     paired,
     parse_label,
@@ -70,6 +72,31 @@ def test_seeds_are_summarised_and_bids_is_paired_by_seed(tmp_path) -> None:
     assert comparisons[("full", "0.1")]["pairs"] == 3
     text = markdown_tables(rows)
     assert "Table 2 layout" in text and "BIDS minus each method" in text and "± " in text
+
+
+def test_orderings_say_whether_each_claim_holds_and_exceeds_the_seed_noise(tmp_path) -> None:
+    run = tmp_path / "run"
+    for seed in range(3):
+        write_scores(run, f"instance-max-0.1-seed{seed}", {"a": 2.0 + 0.01 * seed, "b": 3.0})
+        write_scores(run, f"instance-max-norm-0.1-seed{seed}", {"a": 1.5 + 0.01 * seed, "b": 3.0})  # clearly better
+        write_scores(run, f"bids-0.1-seed{seed}", {"a": 1.5 + 0.2 * (seed - 1), "b": 3.0})  # same mean, noisy
+        write_scores(run, f"random-0.1-seed{seed}", {"a": 1.0, "b": 3.5})  # same macro, worse worst
+        write_scores(run, f"full-seed{seed}", {"a": 1.4, "b": 3.0})
+    entries = {(e["better"], e["worse"]): e for e in orderings(collect(run))}
+    norm = entries[("instance-max-norm", "instance-max")]["macro"]
+    assert norm["difference"] == pytest.approx(-0.25) and norm["holds"] and norm["beyond_noise"]
+    assert norm["seeds_agreeing"] == 3
+    iteration = entries[("bids", "instance-max-norm")]["macro"]
+    # per seed -0.1, -0.005, +0.09: the mean agrees with the paper, the interval contains 0
+    assert iteration["difference"] == pytest.approx(-0.005) and iteration["holds"]
+    assert not iteration["beyond_noise"] and iteration["seeds_agreeing"] == 2
+    versus_random = entries[("bids", "random")]
+    assert versus_random["macro"]["difference"] == pytest.approx(0.0, abs=1e-12)
+    assert versus_random["worst"]["difference"] == pytest.approx(-0.5) and versus_random["worst"]["beyond_noise"]
+    assert entries[("bids", "full")]["budget"] == "0.1" and not entries[("bids", "full")]["macro"]["holds"]
+    assert ("bids", "task-max") not in entries  # no task-max runs: no line
+    text = orderings_table(list(entries.values()))
+    assert "holds, beyond noise" in text and "within noise" in text
 
 
 def test_side_by_side_answers_come_from_the_samples(tmp_path) -> None:

@@ -3,12 +3,13 @@
     python experiments/mini_bids/summarize.py runs/mini_bids --out experiments/mini_bids/results
 
 Writes `runs.csv` (one row per evaluation: method, budget, seed, per capability NLL and exact match, macro,
-worst), `summary.json` (means, 95% t intervals, paired comparisons), `tables.md` (the paper's Table 2 and 3
-layouts and the paired comparisons, for NLL and exact match), `answers.md` (Appendix A.7: held-out prompts
-answered by the base model and by BIDS, task-max and random fine-tunes), `progress.md` (which units are
-done), `overlap.md` (with `--second`: how much the task-max and BIDS selections move when the warmup and
-the projection are redone with another seed) and copies the report's AID, THI and z-score figures. It
-works on a partial run: whatever is evaluated so far is summarised, and `progress.md` says what is missing.
+worst), `summary.json` (means, 95% t intervals, paired comparisons, the paper's orderings), `tables.md` (the
+paper's Table 2 and 3 layouts, the paired comparisons and which of the paper's orderings hold, for NLL and
+exact match), `answers.md` (Appendix A.7: held-out prompts answered by the base model and by BIDS, task-max
+and random fine-tunes), `progress.md` (which units are done), `overlap.md` (with `--second`: how much the
+task-max and BIDS selections move when the warmup and the projection are redone with another seed) and copies
+the report's AID, THI and z-score figures. It works on a partial run: whatever is evaluated so far is
+summarised, and `progress.md` says what is missing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 from poise.report.study import (
     collect,
     markdown_tables,
+    orderings,
+    orderings_table,
     overlap_table,
     paired,
     selection_overlap,
@@ -83,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             cells += [values["tasks"].get(t, "") for t in tasks] + [values.get("macro", ""), values.get("worst", "")]
         writer.writerow([r["label"], r["method"], r["budget"] or "", "" if r["seed"] is None else r["seed"], *cells])
     (out / "runs.csv").write_text(buffer.getvalue(), encoding="utf-8")
-    summary = {metric: {"by_method": summarize(rows, metric), "bids_paired": paired(rows, metric=metric)}
-               for metric in ("nll", "exact_match")}
+    summary = {metric: {"by_method": summarize(rows, metric), "bids_paired": paired(rows, metric=metric),
+                        "orderings": orderings(rows, metric)} for metric in ("nll", "exact_match")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
-    (out / "tables.md").write_text("\n".join(markdown_tables(rows, metric) for metric in ("nll", "exact_match")),
-                                   encoding="utf-8")
+    (out / "tables.md").write_text("\n".join(markdown_tables(rows, metric) + "\n" +
+                                             orderings_table(summary[metric]["orderings"], metric)
+                                             for metric in ("nll", "exact_match")), encoding="utf-8")
     names = ["base"] + [n for n in (f"bids-{args.budget}-seed0", f"task-max-{args.budget}-seed0",
                                     f"random-{args.budget}-seed0") if (run / "evaluation" / n).is_dir()]
     (out / "answers.md").write_text(side_by_side(run, names), encoding="utf-8")

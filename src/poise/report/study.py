@@ -252,3 +252,64 @@ def overlap_table(entries: Sequence[dict[str, Any]]) -> str:
     text += [f"| {e['selection']} | {e['size'][0]} / {e['size'][1]} | {e['shared']} | {e['jaccard']:.2f} | "
              f"{e['random_jaccard']:.2f} |\n" for e in entries]
     return "".join(text)
+
+
+#: The paper's orderings this study checks: (name, better method, worse method, budget of the worse one
+#: relative to the better: "same" or None for the full pool). "Better" means the paper found it better.
+CLAIMS = (
+    ("normalisation: instance-max (raw) -> instance-max (normalised)", "instance-max-norm", "instance-max", "same"),
+    ("iteration: instance-max (normalised) -> BIDS", "bids", "instance-max-norm", "same"),
+    ("BIDS over BIDS without normalisation", "bids", "bids-raw", "same"),
+    ("BIDS over random", "bids", "random", "same"),
+    ("BIDS over task-max (LESS)", "bids", "task-max", "same"),
+    ("a BIDS subset over the full pool", "bids", "full", None),
+)
+
+
+def orderings(rows: Sequence[dict[str, Any]], metric: str = "nll") -> list[dict[str, Any]]:
+    """For each of the paper's claims (CLAIMS) and budget, on the macro-average and the worst capability: the
+    paired difference (claimed-better minus claimed-worse, by training seed) with its 95% t half-width, whether
+    the claim's direction holds on the mean, and whether the interval excludes 0 (beyond seed-to-seed noise)."""
+    lower = metric in LOWER_IS_BETTER
+    by_key = {(r["method"], r["budget"], r["seed"]): r[metric] for r in rows if metric in r}
+    budgets = sorted({b for (_m, b, _s) in by_key if b is not None}, key=float)
+    out = []
+    for claim, better, worse, relation in CLAIMS:
+        for budget in budgets:
+            other = budget if relation == "same" else None
+            seeds = sorted(s for (m, b, s) in by_key if m == better and b == budget and (worse, other, s) in by_key)
+            if not seeds:
+                continue
+            entry: dict[str, Any] = {"claim": claim, "better": better, "worse": worse, "budget": budget,
+                                     "pairs": len(seeds)}
+            for what in ("macro", "worst"):
+                diffs = [by_key[(better, budget, s)][what] - by_key[(worse, other, s)][what] for s in seeds]
+                mean, half, _ = mean_ci(diffs)
+                holds = mean < 0 if lower else mean > 0
+                beyond = not math.isnan(half) and abs(mean) > half
+                entry[what] = {"difference": mean, "ci": half, "holds": holds, "beyond_noise": beyond,
+                               "seeds_agreeing": sum(1 for d in diffs if (d < 0 if lower else d > 0))}
+            out.append(entry)
+    return out
+
+
+def orderings_table(entries: Sequence[dict[str, Any]], metric: str = "nll", digits: int = 3) -> str:
+    """`orderings` as markdown: one line per claim and budget, for the macro-average and the worst capability."""
+    if not entries:
+        return ""
+    sign = "negative" if metric in LOWER_IS_BETTER else "positive"
+
+    def verdict(value: dict[str, Any]) -> str:
+        if value["holds"]:
+            return "holds, beyond noise" if value["beyond_noise"] else "holds on the mean, within noise"
+        return "reversed, beyond noise" if value["beyond_noise"] else "reversed on the mean, within noise"
+
+    text = [f"**The paper's orderings ({metric}; paired by training seed, claimed-better minus claimed-worse: a "
+            f"{sign} difference agrees with the paper; ± is the 95% t half-width)**\n\n",
+            "| claim | budget | pairs | macro-average difference | verdict | worst difference | verdict |\n",
+            "|---|---|---:|---:|---|---:|---|\n"]
+    for e in entries:
+        text.append(f"| {e['claim']} | {e['budget']} | {e['pairs']} | "
+                    f"{_cell((e['macro']['difference'], e['macro']['ci']), digits)} | {verdict(e['macro'])} | "
+                    f"{_cell((e['worst']['difference'], e['worst']['ci']), digits)} | {verdict(e['worst'])} |\n")
+    return "".join(text)
