@@ -170,7 +170,8 @@ def test_the_study_config_runs_on_a_tiny_model_and_summarises(tmp_path) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "experiments" / "mini_bids" / "summarize.py"), str(run),
                            "--second", str(second), "--out", str(out)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    assert {"runs.csv", "summary.json", "tables.md", "answers.md", "progress.md", "zscore_fit.png"} <= \
+    assert {"runs.csv", "summary.json", "tables.md", "answers.md", "progress.md", "zscore_fit.png", "aid_0.1.png",
+            "thi_0.15.png", "overlap.md"} <= \
         {p.name for p in out.iterdir()}
     assert "| random | 0.1 | 2 |" in (out / "tables.md").read_text()
     assert "| bids-0.15 |" in (out / "overlap.md").read_text()

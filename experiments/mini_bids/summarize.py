@@ -8,8 +8,9 @@ paper's Table 2 and 3 layouts, the paired comparisons and which of the paper's o
 exact match), `answers.md` (Appendix A.7: held-out prompts answered by the base model and by BIDS, task-max
 and random fine-tunes), `progress.md` (which units are done), `overlap.md` (with `--second`: how much the
 task-max and BIDS selections move when the warmup and the projection are redone with another seed) and copies
-the report's AID, THI and z-score figures. It works on a partial run: whatever is evaluated so far is
-summarised, and `progress.md` says what is missing.
+the report's AID, THI and z-score figures; `aid_<budget>.png` and `thi_<budget>.png` show the selections of
+the paper's Figures 3 and 4 (unnormalised, normalised, BIDS, with task-max and random). It works on a
+partial run: whatever is evaluated so far is summarised, and `progress.md` says what is missing.
 """
 
 from __future__ import annotations
@@ -35,6 +36,28 @@ from poise.report.study import (
 )
 
 FIGURES = ("aid_comparison.png", "thi_comparison.png", "zscore_fit.png")
+
+
+#: The selections of the paper's Figures 3 and 4 (unnormalised, normalised, BIDS) with LESS and random beside.
+FIGURE_METHODS = ("random-{b}-seed0", "task-max-{b}", "instance-max-{b}", "instance-max-norm-{b}", "bids-{b}")
+
+
+def paper_figures(run: Path, budget: str, out: Path) -> None:
+    """AID and THI of the Table 3 selections at one budget (paper Figures 3 and 4): aid_<b>.png, thi_<b>.png."""
+    import tempfile
+
+    from poise.config import ReportConfig
+    from poise.report import run_report
+
+    folders = [run / "selections" / m.format(b=budget) for m in FIGURE_METHODS]
+    if not (run / "attribution").is_dir() or not all((f / "selection.json").is_file() for f in folders):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        run_report(ReportConfig(selections=[str(f) for f in folders], attribution=str(run / "attribution"),
+                                out=tmp, embed_images=False, title=f"selections at {budget}"))
+        for name, target in (("aid_comparison.png", f"aid_{budget}.png"), ("thi_comparison.png", f"thi_{budget}.png")):
+            if (Path(tmp) / name).is_file():
+                shutil.copy(Path(tmp) / name, out / target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "progress.md").write_text("".join(lines), encoding="utf-8")
 
     if not (run / "evaluation").is_dir():
+        for budget in ("0.1", "0.15"):
+            paper_figures(run, budget, out)
         print(f"{run}: no evaluations yet; wrote {out / 'progress.md'}")
         return 0
     rows = collect(run)
@@ -98,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     for figure in FIGURES:
         if (run / "report" / figure).is_file():
             shutil.copy(run / "report" / figure, out / figure)
+    for budget in ("0.1", "0.15"):
+        paper_figures(run, budget, out)
     print(f"wrote {out}: {len(rows)} evaluations summarised")
     return 0
 
