@@ -7,7 +7,17 @@ import io
 from poise.progress import track
 
 
-def test_without_a_terminal_a_line_at_every_tenth_and_at_the_end() -> None:
+def fake_clock(monkeypatch, step: float) -> None:
+    import itertools
+
+    import poise.progress
+
+    ticks = itertools.count(0.0, step)
+    monkeypatch.setattr(poise.progress.time, "monotonic", lambda: next(ticks))
+
+
+def test_without_a_terminal_a_line_at_every_tenth_and_at_the_end(monkeypatch) -> None:
+    fake_clock(monkeypatch, 1.0)
     stream = io.StringIO()
     with track("features (adam)", 40, unit="examples", stream=stream) as progress:
         for _ in range(20):
@@ -29,3 +39,12 @@ def test_resumed_work_counts_from_what_was_done_and_disabled_prints_nothing() ->
     with track("warmup", 10, stream=quiet, enabled=False) as progress:
         progress.advance(10)
     assert quiet.getvalue() == ""
+
+
+def test_no_rate_is_shown_for_work_that_took_almost_no_time(monkeypatch) -> None:
+    fake_clock(monkeypatch, 1e-6)
+    stream = io.StringIO()
+    with track("attribute", 400, unit="rows", stream=stream) as progress:
+        progress.advance(400)
+    assert stream.getvalue().splitlines()[-1].startswith("poise: attribute: 400/400 rows (100%)")
+    assert "/s" not in stream.getvalue()

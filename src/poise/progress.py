@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, TextIO
 
+#: No throughput is shown before this much time has passed.
+MIN_RATE_SECONDS = 0.05
 #: Without a terminal: a line at every this fraction of the work...
 LOG_FRACTION = 0.1
 #: ... and at least every this many seconds.
@@ -54,8 +56,8 @@ class Tracker:
     def rate(self) -> str:
         """Throughput since this run started: tokens/s when tokens are counted, else units/s."""
         elapsed = time.monotonic() - self._started
-        if elapsed <= 0 or self.done == self._start_done:
-            return ""
+        if elapsed < MIN_RATE_SECONDS or self.done == self._start_done:
+            return ""  # a rate over microseconds says nothing (attribution of a small pool: "50,000,000 rows/s")
         if self.tokens:
             return f"{self.tokens / elapsed:,.0f} tokens/s"
         per_second = (self.done - self._start_done) / elapsed
