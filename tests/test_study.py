@@ -13,6 +13,7 @@ import pytest
 
 from poise.report.study import (
     collect,
+    collect_samples,
     markdown_tables,
     mean_ci,
     orderings,
@@ -97,6 +98,27 @@ def test_orderings_say_whether_each_claim_holds_and_exceeds_the_seed_noise(tmp_p
     assert ("bids", "task-max") not in entries  # no task-max runs: no line
     text = orderings_table(list(entries.values()))
     assert "holds, beyond noise" in text and "within noise" in text
+
+
+def test_the_item_interval_is_the_evaluation_sets_sampling_error_of_the_paired_difference(tmp_path) -> None:
+    """Per item the difference averaged over seed pairs; per capability var/n; averaged over capabilities."""
+    run = tmp_path / "run"
+    per_item = {"a": [0.0, 0.2, 0.4, 0.6], "b": [1.0, 1.0, 1.0, 1.0]}  # differences of bids minus random, per item
+    for seed in range(2):
+        for label, shift in ((f"bids-0.1-seed{seed}", 1.0), (f"random-0.1-seed{seed}", 0.0)):
+            values = {task: [v * shift + 2.0 + (task == "b") * 0.5 for v in diffs] for task, diffs in per_item.items()}
+            write_scores(run, label, {task: sum(v) / len(v) for task, v in values.items()})
+            (run / "evaluation" / label / "samples.jsonl").write_text("".join(
+                json.dumps({"capability": task, "id": f"{task}{i}", "nll": v}) + "\n"
+                for task, vs in values.items() for i, v in enumerate(vs)))
+    samples = collect_samples(run)
+    assert samples["bids-0.1-seed1"][("a", "a3")] == pytest.approx(2.6)  # worst capability: b, in every run
+    (entry,) = [e for e in orderings(collect(run), samples=samples) if e["worse"] == "random"]
+    # capability a: differences 0, .2, .4, .6 (variance 1/15, n 4); b: constant; df = 8 - 2 = 6 (t 2.447)
+    assert entry["macro"]["items_ci"] == pytest.approx(2.447 * math.sqrt((1 / 15) / 4) / 2)
+    assert entry["macro"]["difference"] == pytest.approx((0.3 + 1.0) / 2) and not entry["macro"]["holds"]
+    assert entry["macro"]["ci"] == pytest.approx(0.0) and entry["macro"]["beyond_noise"]
+    assert entry["worst"]["items_ci"] == pytest.approx(0.0)  # worst is b for both runs: constant differences
 
 
 def test_side_by_side_answers_come_from_the_samples(tmp_path) -> None:

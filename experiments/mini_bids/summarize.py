@@ -25,6 +25,7 @@ from pathlib import Path
 
 from poise.report.study import (
     collect,
+    collect_samples,
     markdown_tables,
     orderings,
     orderings_table,
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerow([r["label"], r["method"], r["budget"] or "", "" if r["seed"] is None else r["seed"], *cells])
     (out / "runs.csv").write_text(buffer.getvalue(), encoding="utf-8")
     summary = {metric: {"by_method": summarize(rows, metric), "bids_paired": paired(rows, metric=metric),
-                        "orderings": orderings(rows, metric)} for metric in ("nll", "exact_match")}
+                        "orderings": orderings(rows, metric, collect_samples(run, metric))}
+               for metric in ("nll", "exact_match")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     (out / "tables.md").write_text("\n".join(markdown_tables(rows, metric) + "\n" +
                                              orderings_table(summary[metric]["orderings"], metric)

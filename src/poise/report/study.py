@@ -266,12 +266,55 @@ CLAIMS = (
 )
 
 
-def orderings(rows: Sequence[dict[str, Any]], metric: str = "nll") -> list[dict[str, Any]]:
+def collect_samples(run_dir: str | Path, metric: str = "nll") -> dict[str, dict[tuple[str, str], float]]:
+    """Per evaluation (folder name): each held-out item's value of `metric` from its samples.jsonl."""
+    import json
+
+    out: dict[str, dict[tuple[str, str], float]] = {}
+    for path in sorted(Path(run_dir).glob("evaluation/*/samples.jsonl")):
+        values = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record.get(metric) is not None:
+                    values[(str(record["capability"]), str(record["id"]))] = float(record[metric])
+        if values:
+            out[path.parent.name] = values
+    return out
+
+
+def _item_interval(samples: dict[str, dict[tuple[str, str], float]], better: Sequence[str], worse: Sequence[str],
+                   capabilities: Sequence[str] | None = None) -> float:
+    """95% half-width of the macro-average difference from the held-out items alone: per item the difference
+    averaged over the seed pairs, per capability its variance over items / n, averaged over capabilities
+    (the evaluation set's sampling error, which the interval over seeds does not contain). NaN without
+    per-item values."""
+    if not all(label in samples for label in (*better, *worse)):
+        return math.nan
+    items = set.intersection(*(set(samples[label]) for label in (*better, *worse)))
+    caps = sorted({c for c, _ in items} if capabilities is None else set(capabilities))
+    variance, n_items = 0.0, 0
+    for capability in caps:
+        diffs = [sum(samples[b][key] - samples[w][key] for b, w in zip(better, worse, strict=True)) / len(better)
+                 for key in sorted(items) if key[0] == capability]
+        if len(diffs) < 2:
+            return math.nan
+        mean = sum(diffs) / len(diffs)
+        variance += sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)
+        n_items += len(diffs)
+    return t95(n_items - len(caps)) * math.sqrt(variance) / len(caps)
+
+
+def orderings(rows: Sequence[dict[str, Any]], metric: str = "nll",
+              samples: dict[str, dict[tuple[str, str], float]] | None = None) -> list[dict[str, Any]]:
     """For each of the paper's claims (CLAIMS) and budget, on the macro-average and the worst capability: the
-    paired difference (claimed-better minus claimed-worse, by training seed) with its 95% t half-width, whether
-    the claim's direction holds on the mean, and whether the interval excludes 0 (beyond seed-to-seed noise)."""
+    paired difference (claimed-better minus claimed-worse, by training seed) with its 95% t half-width over
+    seeds (training noise), and with `samples` (collect_samples) the 95% half-width from the held-out items
+    (evaluation-set noise; for the worst capability only when both methods have the same worst capability on
+    every seed); whether the claim's direction holds on the mean, whether it is a tie, and whether the
+    difference exceeds both intervals (beyond noise)."""
     lower = metric in LOWER_IS_BETTER
-    by_key = {(r["method"], r["budget"], r["seed"]): r[metric] for r in rows if metric in r}
+    by_key = {(r["method"], r["budget"], r["seed"]): r for r in rows if metric in r}
     budgets = sorted({b for (_m, b, _s) in by_key if b is not None}, key=float)
     out = []
     for claim, better, worse, relation in CLAIMS:
@@ -280,17 +323,37 @@ def orderings(rows: Sequence[dict[str, Any]], metric: str = "nll") -> list[dict[
             seeds = sorted(s for (m, b, s) in by_key if m == better and b == budget and (worse, other, s) in by_key)
             if not seeds:
                 continue
+            pairs = [(by_key[(better, budget, s)], by_key[(worse, other, s)]) for s in seeds]
             entry: dict[str, Any] = {"claim": claim, "better": better, "worse": worse, "budget": budget,
                                      "pairs": len(seeds)}
             for what in ("macro", "worst"):
-                diffs = [by_key[(better, budget, s)][what] - by_key[(worse, other, s)][what] for s in seeds]
+                diffs = [b[metric][what] - w[metric][what] for b, w in pairs]
                 mean, half, _ = mean_ci(diffs)
-                holds = mean < 0 if lower else mean > 0
-                beyond = not math.isnan(half) and abs(mean) > half
-                entry[what] = {"difference": mean, "ci": half, "holds": holds, "beyond_noise": beyond,
+                items = math.nan
+                if samples is not None:
+                    labels = ([b["label"] for b, _ in pairs], [w["label"] for _, w in pairs])
+                    if what == "macro":
+                        items = _item_interval(samples, *labels)
+                    else:
+                        worst = {_worst_task(r[metric], lower) for pair in pairs for r in pair}
+                        items = _item_interval(samples, *labels, capabilities=sorted(worst)) if len(worst) == 1 \
+                            else math.nan
+                tie = all(abs(d) < 1e-12 for d in diffs)
+                even = abs(mean) < 1e-12  # e.g. +1 item on one seed, -1 on another
+                holds = not even and (mean < 0 if lower else mean > 0)
+                beyond = not even and not math.isnan(half) and abs(mean) > half and \
+                    (math.isnan(items) or abs(mean) > items)
+                entry[what] = {"difference": mean, "ci": half, "items_ci": items, "tie": tie, "even": even,
+                               "holds": holds,
+                               "beyond_noise": beyond,
                                "seeds_agreeing": sum(1 for d in diffs if (d < 0 if lower else d > 0))}
             out.append(entry)
     return out
+
+
+def _worst_task(values: dict[str, Any], lower: bool) -> str:
+    tasks = values["tasks"]
+    return (max if lower else min)(tasks, key=lambda t: tasks[t])
 
 
 def orderings_table(entries: Sequence[dict[str, Any]], metric: str = "nll", digits: int = 3) -> str:
@@ -300,16 +363,25 @@ def orderings_table(entries: Sequence[dict[str, Any]], metric: str = "nll", digi
     sign = "negative" if metric in LOWER_IS_BETTER else "positive"
 
     def verdict(value: dict[str, Any]) -> str:
+        if value["tie"]:
+            return "tie (identical on every seed)"
+        if value["even"]:
+            return "equal on the mean"
         if value["holds"]:
             return "holds, beyond noise" if value["beyond_noise"] else "holds on the mean, within noise"
         return "reversed, beyond noise" if value["beyond_noise"] else "reversed on the mean, within noise"
 
+    def items(value: dict[str, Any]) -> str:
+        return "–" if math.isnan(value["items_ci"]) else f"± {value['items_ci']:.{digits}f}"
+
     text = [f"**The paper's orderings ({metric}; paired by training seed, claimed-better minus claimed-worse: a "
-            f"{sign} difference agrees with the paper; ± is the 95% t half-width)**\n\n",
-            "| claim | budget | pairs | macro-average difference | verdict | worst difference | verdict |\n",
-            "|---|---|---:|---:|---|---:|---|\n"]
+            f"{sign} difference agrees with the paper; ± is the 95% half-width over training seeds, then the one "
+            "from the held-out items; beyond noise means beyond both)**\n\n",
+            "| claim | budget | pairs | macro-average difference | items | verdict | worst difference | items | "
+            "verdict |\n", "|---|---|---:|---:|---:|---|---:|---:|---|\n"]
     for e in entries:
         text.append(f"| {e['claim']} | {e['budget']} | {e['pairs']} | "
-                    f"{_cell((e['macro']['difference'], e['macro']['ci']), digits)} | {verdict(e['macro'])} | "
-                    f"{_cell((e['worst']['difference'], e['worst']['ci']), digits)} | {verdict(e['worst'])} |\n")
+                    f"{_cell((e['macro']['difference'], e['macro']['ci']), digits)} | {items(e['macro'])} | "
+                    f"{verdict(e['macro'])} | {_cell((e['worst']['difference'], e['worst']['ci']), digits)} | "
+                    f"{items(e['worst'])} | {verdict(e['worst'])} |\n")
     return "".join(text)
