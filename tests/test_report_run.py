@@ -381,3 +381,10 @@ def test_run_report_prints_the_same_summary_to_its_console(run, tmp_path):
     run_report(_config(run, tmp_path), console=console)
     text = console.export_text()
     assert "THI share" in text and "Downstream, NLL" in text and "bids-0.1 has the best macro-average" in text
+
+
+def test_a_sentence_over_many_tied_runs_counts_them_instead_of_naming_all(tmp_path):
+    runs = {f"run{k}": {"a": 0.0, "b": 0.5} for k in range(8)} | {"base": {"a": 0.0, "b": 0.0}}
+    sentence = describe(downstream_table(_read(tmp_path, runs, metric="exact_match"), "exact_match"))
+    assert "8 runs (run0, run1, run2, ...) tie on the macro-average" in sentence
+    assert "run7" not in sentence and len(sentence) < 400

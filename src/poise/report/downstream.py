@@ -169,8 +169,14 @@ def _fmt(*values: float) -> list[str]:
     return texts
 
 
+#: Beyond this many runs a sentence names the first few and the count (a 52-run study ties everywhere on 0).
+MAX_NAMES = 5
+
+
 def _names(names: Sequence[str]) -> str:
     names = list(names)
+    if len(names) > MAX_NAMES:
+        return f"{len(names)} runs ({', '.join(names[:3])}, ...)"
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
