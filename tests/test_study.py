@@ -151,15 +151,16 @@ def test_selection_overlap_is_the_jaccard_of_the_picked_ids(tmp_path) -> None:
     assert "| bids-0.1 | 10 / 10 | 5 | 0.33 | 0.05 |" in overlap_table([entry])
 
 
-def study_seed1_overrides() -> list[str]:
-    """The second-seed run's `--set` overrides, as `make study` passes them (Makefile STUDY_SEED1)."""
+def makefile_overrides(variable: str) -> tuple[list[str], list[str]]:
+    """A study run's `--set` overrides and its other arguments, as `make study` passes them (Makefile variable)."""
     import shlex
 
     text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
-    line = next(x for x in text.splitlines() if x.startswith("STUDY_SEED1 :="))
+    line = next(x for x in text.splitlines() if x.startswith(f"{variable} :="))
     words = shlex.split(line.split(":=", 1)[1])
-    assert words[-2:] == ["--until", "select"]
-    return [words[k + 1] for k, w in enumerate(words) if w == "--set"]
+    sets = [words[k + 1] for k, w in enumerate(words) if w == "--set"]
+    rest = [w for k, w in enumerate(words) if w != "--set" and (k == 0 or words[k - 1] != "--set")]
+    return [o for o in sets if not o.startswith("out=")], rest
 
 
 def test_the_study_config_runs_on_a_tiny_model_and_summarises(tmp_path) -> None:
@@ -182,21 +183,32 @@ def test_the_study_config_runs_on_a_tiny_model_and_summarises(tmp_path) -> None:
             "selections/instance-max-norm-0.1", "training/full-seed1", "evaluation/bids-0.15-seed1"} <= \
         set(result.actions)
     second = tmp_path / "study_seed1"
-    overrides = [o for o in study_seed1_overrides() if not o.startswith("out=")]
+    overrides, rest = makefile_overrides("STUDY_SEED1")
+    assert rest == ["--until", "select"]
     again = pipeline.run(ROOT / "experiments" / "mini_bids" / "config.yaml", until="select",
                          overrides=[*tiny, f"out={second}", *overrides])
     assert {"selections/bids-0.1", "selections/task-max-0.15"} <= set(again.actions)
     ran = {name for name, action in again.actions.items() if action == "ran"}
     assert not any(name.startswith(("training", "evaluation", "selections/random")) for name in ran), again.actions
+    longer = tmp_path / "study_epochs4"
+    overrides, rest = makefile_overrides("STUDY_EPOCHS4")
+    assert rest == [] and "train.epochs=4" in overrides
+    third = pipeline.run(ROOT / "experiments" / "mini_bids" / "config.yaml",
+                         overrides=[*tiny, f"out={longer}", *overrides, "train.seeds=[0,1]", "evaluate.max_gen_toks=2"])
+    assert {"evaluation/bids-0.15-seed1"} <= set(third.actions) and "evaluation/base" not in third.actions
     out = tmp_path / "results"
     done = subprocess.run([sys.executable, str(ROOT / "experiments" / "mini_bids" / "summarize.py"), str(run),
-                           "--second", str(second), "--out", str(out)], capture_output=True, text=True, check=False)
+                           "--second", str(second), "--epochs4", str(longer), "--out", str(out)],
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert {"runs.csv", "summary.json", "tables.md", "answers.md", "progress.md", "zscore_fit.png", "aid_0.1.png",
             "thi_0.15.png", "overlap.md"} <= \
         {p.name for p in out.iterdir()}
     assert "| random | 0.1 | 2 |" in (out / "tables.md").read_text()
     assert "| bids-0.15 |" in (out / "overlap.md").read_text()
+    tables = (out / "tables.md").read_text()
+    assert "| bids-epochs4 | 0.15 | 2 |" in tables
+    assert "| a BIDS subset trained for 4 epochs over the full pool |" in tables
 
 
 def test_the_readme_gpu_command_is_a_valid_config_with_the_papers_sizes() -> None:

@@ -7,7 +7,8 @@ worst), `summary.json` (means, 95% t intervals, paired comparisons, the paper's 
 paper's Table 2 and 3 layouts, the paired comparisons and which of the paper's orderings hold, for NLL and
 exact match), `answers.md` (Appendix A.7: held-out prompts answered by the base model and by BIDS, task-max
 and random fine-tunes), `progress.md` (which units are done), `overlap.md` (with `--second`: how much the
-task-max and BIDS selections move when the warmup and the projection are redone with another seed) and copies
+task-max and BIDS selections move when the warmup and the projection are redone with another seed), with
+`--epochs4` the 15% BIDS selection trained for 4 epochs as the method `bids-epochs4`, and copies
 the report's AID, THI and z-score figures; `aid_<budget>.png` and `thi_<budget>.png` show the selections of
 the paper's Figures 3 and 4 (unnormalised, normalised, BIDS, with task-max and random). It works on a
 partial run: whatever is evaluated so far is summarised, and `progress.md` says what is missing.
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", default="0.15", help="budget of the runs in answers.md (default 0.15)")
     parser.add_argument("--second", help="the same study's selections with another warmup/projection seed "
                         "(runs/mini_bids_seed1): their Jaccard overlap goes to overlap.md")
+    parser.add_argument("--epochs4", help="the 15%% BIDS selection trained for 4 epochs (runs/mini_bids_epochs4): "
+                        "the paper's 'BIDS (epochs=4)' row, compared with the full pool")
     args = parser.parse_args(argv)
     run, out = Path(args.run), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run}: no evaluations yet; wrote {out / 'progress.md'}")
         return 0
     rows = collect(run)
+    samples = {metric: collect_samples(run, metric) for metric in ("nll", "exact_match")}
+    if args.epochs4 and (Path(args.epochs4) / "evaluation").is_dir():  # the paper's "BIDS (epochs=4)" row
+        for row in collect(args.epochs4):
+            rows.append({**row, "method": "bids-epochs4", "label": f"epochs4/{row['label']}"})
+        for metric in samples:
+            samples[metric].update({f"epochs4/{label}": values
+                                    for label, values in collect_samples(args.epochs4, metric).items()})
     tasks = sorted({t for r in rows for t in (r.get("nll") or {}).get("tasks", {})})
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerow([r["label"], r["method"], r["budget"] or "", "" if r["seed"] is None else r["seed"], *cells])
     (out / "runs.csv").write_text(buffer.getvalue(), encoding="utf-8")
     summary = {metric: {"by_method": summarize(rows, metric), "bids_paired": paired(rows, metric=metric),
-                        "orderings": orderings(rows, metric, collect_samples(run, metric))}
+                        "orderings": orderings(rows, metric, samples[metric])}
                for metric in ("nll", "exact_match")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     (out / "tables.md").write_text("\n".join(markdown_tables(rows, metric) + "\n" +
