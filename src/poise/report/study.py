@@ -13,12 +13,14 @@ The layouts follow the BIDS paper's Table 2 (methods x capabilities + macro-aver
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from poise.analysis import jaccard
 from poise.errors import PoiseError
 from poise.evaluate import LOWER_IS_BETTER, SCORES_FILE
 from poise.io import read_json
@@ -107,28 +109,44 @@ def summarize(rows: Sequence[dict[str, Any]], metric: str = "nll") -> list[dict[
     return out
 
 
+def _by_key(rows: Sequence[dict[str, Any]], metric: str) -> dict[tuple, dict[str, Any]]:
+    return {(r["method"], r["budget"], r["seed"]): r for r in rows if metric in r}
+
+
+def _seed_pairs(by_key: dict[tuple, dict[str, Any]], better: str, budget: str, worse: str,
+                worse_budget: str | None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(row of `better`, row of `worse`) for every training seed both have."""
+    seeds = sorted(s for (m, b, s) in by_key if m == better and b == budget and (worse, worse_budget, s) in by_key)
+    return [(by_key[(better, budget, s)], by_key[(worse, worse_budget, s)]) for s in seeds]
+
+
+def _difference(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], metric: str, what: str) -> dict[str, Any]:
+    """Per-seed differences (first minus second) of `what` (macro or worst): mean, 95% t half-width, and on
+    how many seeds the first was better."""
+    lower = metric in LOWER_IS_BETTER
+    diffs = [a[metric][what] - b[metric][what] for a, b in pairs]
+    mean, half, _ = mean_ci(diffs)
+    return {"diffs": diffs, "mean": mean, "half": half,
+            "better_on": sum(1 for d in diffs if (d < 0 if lower else d > 0))}
+
+
 def paired(rows: Sequence[dict[str, Any]], reference: str = "bids", metric: str = "nll") -> list[dict[str, Any]]:
     """BIDS minus each other method at the same budget, paired by training seed: mean difference of the
     macro-average and of the worst capability with its 95% t half-width, and the seeds BIDS was better on."""
-    lower = metric in LOWER_IS_BETTER
-    by_key = {(r["method"], r["budget"], r["seed"]): r[metric] for r in rows if metric in r}
+    by_key = _by_key(rows, metric)
     out = []
     others = sorted({(m, b) for (m, b, _s) in by_key if m not in (reference, "base", "full") and b is not None},
                     key=lambda k: (str(k[1]), k[0]))
     budgets = sorted({b for (m, b, _s) in by_key if m == reference and b is not None})
     others += [("full", b) for b in budgets if any(m == "full" for (m, _b, _s) in by_key)]  # BIDS subset vs all
     for method, budget in others:
-        own = None if method == "full" else budget
-        seeds = sorted(s for (m, b, s) in by_key if m == method and b == own and (reference, budget, s) in by_key)
-        pairs = [(by_key[(reference, budget, s)], by_key[(method, own, s)]) for s in seeds]
+        pairs = _seed_pairs(by_key, reference, budget, method, None if method == "full" else budget)
         if not pairs:
             continue
         entry: dict[str, Any] = {"method": method, "budget": budget, "pairs": len(pairs)}
         for what in ("macro", "worst"):
-            diffs = [ref[what] - other[what] for ref, other in pairs]
-            mean, half, _ = mean_ci(diffs)
-            wins = sum(1 for d in diffs if (d < 0 if lower else d > 0))
-            entry[what] = {"difference": mean, "ci": half, "bids_better_on": wins}
+            d = _difference(pairs, metric, what)
+            entry[what] = {"difference": d["mean"], "ci": d["half"], "bids_better_on": d["better_on"]}
         out.append(entry)
     return out
 
@@ -183,8 +201,6 @@ def markdown_tables(rows: Sequence[dict[str, Any]], metric: str = "nll", digits:
 def side_by_side(run_dir: str | Path, runs: Sequence[str], per_capability: int = 2) -> str:
     """Appendix A.7 in miniature: for the first held-out prompts of each capability, the gold answer and the
     greedy answers of the given evaluation runs (their samples.jsonl), as a markdown table."""
-    import json
-
     run_dir = Path(run_dir)
     answers: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
     for name in runs:
@@ -213,8 +229,6 @@ def side_by_side(run_dir: str | Path, runs: Sequence[str], per_capability: int =
 
 def _selected_ids(folder: Path) -> list[str]:
     """The picks of a selection folder as example ids (selected.jsonl), or as pool rows (selection.json)."""
-    import json
-
     lines = (folder / "selected.jsonl")
     if lines.is_file():
         ids = [json.loads(line).get("id") for line in lines.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -234,11 +248,11 @@ def selection_overlap(run_a: str | Path, run_b: str | Path) -> list[dict[str, An
         if not (other / "selection.json").is_file():
             continue
         a, b = set(_selected_ids(folder)), set(_selected_ids(other))
+        number = {example: k for k, example in enumerate(sorted(a | b))}  # ids as the indices jaccard takes
         n = int(read_json(folder / "selection.json")["n_pool"])
-        shared = len(a & b)
         expected = len(a) * len(b) / n if n else math.nan
-        out.append({"selection": folder.name, "size": [len(a), len(b)], "shared": shared,
-                    "jaccard": shared / len(a | b) if a | b else math.nan,
+        out.append({"selection": folder.name, "size": [len(a), len(b)], "shared": len(a & b),
+                    "jaccard": jaccard([number[x] for x in a], [number[x] for x in b]),
                     "random_jaccard": expected / (len(a) + len(b) - expected) if n else math.nan})
     return out
 
@@ -269,8 +283,6 @@ CLAIMS = (
 
 def collect_samples(run_dir: str | Path, metric: str = "nll") -> dict[str, dict[tuple[str, str], float]]:
     """Per evaluation (folder name): each held-out item's value of `metric` from its samples.jsonl."""
-    import json
-
     out: dict[str, dict[tuple[str, str], float]] = {}
     for path in sorted(Path(run_dir).glob("evaluation/*/samples.jsonl")):
         values = {}
@@ -315,39 +327,34 @@ def orderings(rows: Sequence[dict[str, Any]], metric: str = "nll",
     every seed); whether the claim's direction holds on the mean, whether it is a tie, and whether the
     difference exceeds both intervals (beyond noise)."""
     lower = metric in LOWER_IS_BETTER
-    by_key = {(r["method"], r["budget"], r["seed"]): r for r in rows if metric in r}
+    by_key = _by_key(rows, metric)
     budgets = sorted({b for (_m, b, _s) in by_key if b is not None}, key=float)
     out = []
     for claim, better, worse, relation in CLAIMS:
         for budget in budgets:
-            other = budget if relation == "same" else None
-            seeds = sorted(s for (m, b, s) in by_key if m == better and b == budget and (worse, other, s) in by_key)
-            if not seeds:
+            pairs = _seed_pairs(by_key, better, budget, worse, budget if relation == "same" else None)
+            if not pairs:
                 continue
-            pairs = [(by_key[(better, budget, s)], by_key[(worse, other, s)]) for s in seeds]
             entry: dict[str, Any] = {"claim": claim, "better": better, "worse": worse, "budget": budget,
-                                     "pairs": len(seeds)}
+                                     "pairs": len(pairs)}
+            labels = ([b["label"] for b, _ in pairs], [w["label"] for _, w in pairs])
             for what in ("macro", "worst"):
-                diffs = [b[metric][what] - w[metric][what] for b, w in pairs]
-                mean, half, _ = mean_ci(diffs)
+                d = _difference(pairs, metric, what)
+                mean, half = d["mean"], d["half"]
                 items = math.nan
-                if samples is not None:
-                    labels = ([b["label"] for b, _ in pairs], [w["label"] for _, w in pairs])
-                    if what == "macro":
-                        items = _item_interval(samples, *labels)
-                    else:
-                        worst = {_worst_task(r[metric], lower) for pair in pairs for r in pair}
-                        items = _item_interval(samples, *labels, capabilities=sorted(worst)) if len(worst) == 1 \
-                            else math.nan
-                tie = all(abs(d) < 1e-12 for d in diffs)
+                if samples is not None and what == "macro":
+                    items = _item_interval(samples, *labels)
+                elif samples is not None:  # the worst capability's items, when it is the same one throughout
+                    worst = {_worst_task(r[metric], lower) for pair in pairs for r in pair}
+                    items = _item_interval(samples, *labels, capabilities=sorted(worst)) if len(worst) == 1 \
+                        else math.nan
+                tie = all(abs(x) < 1e-12 for x in d["diffs"])
                 even = abs(mean) < 1e-12  # e.g. +1 item on one seed, -1 on another
                 holds = not even and (mean < 0 if lower else mean > 0)
-                beyond = not even and not math.isnan(half) and abs(mean) > half and \
-                    (math.isnan(items) or abs(mean) > items)
+                beyond = (not even and not math.isnan(half) and abs(mean) > half
+                          and (math.isnan(items) or abs(mean) > items))
                 entry[what] = {"difference": mean, "ci": half, "items_ci": items, "tie": tie, "even": even,
-                               "holds": holds,
-                               "beyond_noise": beyond,
-                               "seeds_agreeing": sum(1 for d in diffs if (d < 0 if lower else d > 0))}
+                               "holds": holds, "beyond_noise": beyond, "seeds_agreeing": d["better_on"]}
             out.append(entry)
     return out
 
