@@ -19,6 +19,7 @@ from poise.report.study import (
     orderings,
     orderings_table,
     overlap_table,
+    overlap_with,
     paired,
     parse_label,
     selection_overlap,
@@ -149,6 +150,18 @@ def test_selection_overlap_is_the_jaccard_of_the_picked_ids(tmp_path) -> None:
     # two independent uniform 10-of-100 draws share 1 example on average: 1 / (10 + 10 - 1)
     assert entry["random_jaccard"] == pytest.approx(1 / 19)
     assert "| bids-0.1 | 10 / 10 | 5 | 0.33 | 0.05 |" in overlap_table([entry])
+
+
+def test_overlap_with_compares_bids_with_each_method_at_its_budget(tmp_path) -> None:
+    write_selection(tmp_path, "bids-0.1", [0, 1, 2, 3])
+    write_selection(tmp_path, "task-max-0.1", [2, 3, 4, 5])
+    write_selection(tmp_path, "random-0.1-seed0", [0, 9, 8, 7])
+    write_selection(tmp_path, "random-0.1-seed1", [0, 1, 2, 3])  # only seed 0 is compared
+    write_selection(tmp_path, "task-max-0.15", [0, 1, 2, 3])  # another budget: not compared
+    entries = {e["method"]: e for e in overlap_with(tmp_path)}
+    assert set(entries) == {"task-max", "random"}
+    assert (entries["task-max"]["shared"], entries["task-max"]["jaccard"]) == (2, pytest.approx(2 / 6))
+    assert (entries["random"]["shared"], entries["random"]["budget"]) == (1, "0.1")
 
 
 def makefile_overrides(variable: str) -> tuple[list[str], list[str]]:

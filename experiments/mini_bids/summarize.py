@@ -2,16 +2,24 @@
 
     python experiments/mini_bids/summarize.py runs/mini_bids --out experiments/mini_bids/results
 
-Writes `runs.csv` (one row per evaluation: method, budget, seed, per capability NLL and exact match, macro,
-worst), `summary.json` (means, 95% t intervals, paired comparisons, the paper's orderings), `tables.md` (the
-paper's Table 2 and 3 layouts, the paired comparisons and which of the paper's orderings hold, for NLL and
-exact match), `answers.md` (Appendix A.7: held-out prompts answered by the base model and by BIDS, task-max
-and random fine-tunes), `progress.md` (which units are done), `overlap.md` (with `--second`: how much the
-task-max and BIDS selections move when the warmup and the projection are redone with another seed), with
-`--epochs4` the 15% BIDS selection trained for 4 epochs as the method `bids-epochs4`, and copies
-the report's AID, THI and z-score figures; `aid_<budget>.png` and `thi_<budget>.png` show the selections of
-the paper's Figures 3 and 4 (unnormalised, normalised, BIDS, with task-max and random). It works on a
-partial run: whatever is evaluated so far is summarised, and `progress.md` says what is missing.
+Writes these files:
+
+- `runs.csv`: one row per evaluation (method, budget, seed, per capability NLL and exact match, macro,
+  worst).
+- `summary.json`: means, 95% t intervals, paired comparisons, the paper's orderings.
+- `tables.md`: the paper's Table 2 and 3 layouts, the paired comparisons and which of the paper's orderings
+  hold, for NLL and exact match.
+- `answers.md`: Appendix A.7, held-out prompts answered by the base model and by the BIDS, task-max and
+  random fine-tunes.
+- `progress.md`: which units are done.
+- `overlap.md`: BIDS's overlap with every other method; with `--second`, also how much the task-max and
+  BIDS selections move when the warmup and the projection are redone with another seed.
+- The report's AID, THI and z-score figures, copied; `aid_<budget>.png` and `thi_<budget>.png` show the
+  selections of the paper's Figures 3 and 4 (unnormalised, normalised, BIDS, with task-max and random).
+
+With `--epochs4`, the 15% BIDS selection trained for 4 epochs joins the tables as the method
+`bids-epochs4`. It works on a partial run: whatever is evaluated so far is summarised, and `progress.md`
+says what is missing.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from poise.report.study import (
     orderings,
     orderings_table,
     overlap_table,
+    overlap_with,
     paired,
     selection_overlap,
     side_by_side,
@@ -74,13 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run, out = Path(args.run), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    within = overlap_with(run) if (run / "selections").is_dir() else []
+    text = ("**Within the run: the BIDS selection's overlap with each method's at the same budget (random: "
+            "seed 0)**\n\n| budget | method | shared with BIDS | Jaccard |\n|---|---|---:|---:|\n" +
+            "".join(f"| {e['budget']} | {e['method']} | {e['shared']} of {e['size']} | {e['jaccard']:.2f} |\n"
+                    for e in within))
+    entries = []
     if args.second and (Path(args.second) / "selections").is_dir():
         entries = selection_overlap(run, args.second)
-        (out / "overlap.json").write_text(json.dumps(entries, indent=1), encoding="utf-8")
-        (out / "overlap.md").write_text(
-            f"**Selections of {run} (seed A) and {args.second} (seed B: warmup and projection redone with "
-            "another seed), Jaccard overlap of the picked example ids**\n\n" + overlap_table(entries),
-            encoding="utf-8")
+        text += (f"\n**Selections of {run} (seed A) and {args.second} (seed B: warmup and projection redone with "
+                 "another seed), Jaccard overlap of the picked example ids**\n\n" + overlap_table(entries))
+    if within or entries:
+        (out / "overlap.json").write_text(json.dumps({"bids_vs_methods": within, "across_seeds": entries},
+                                                     indent=1), encoding="utf-8")
+        (out / "overlap.md").write_text(text, encoding="utf-8")
 
     state = json.loads((run / "pipeline.json").read_text()) if (run / "pipeline.json").is_file() else {"units": {}}
     units = state["units"]

@@ -248,12 +248,36 @@ def selection_overlap(run_a: str | Path, run_b: str | Path) -> list[dict[str, An
         if not (other / "selection.json").is_file():
             continue
         a, b = set(_selected_ids(folder)), set(_selected_ids(other))
-        number = {example: k for k, example in enumerate(sorted(a | b))}  # ids as the indices jaccard takes
         n = int(read_json(folder / "selection.json")["n_pool"])
         expected = len(a) * len(b) / n if n else math.nan
         out.append({"selection": folder.name, "size": [len(a), len(b)], "shared": len(a & b),
-                    "jaccard": jaccard([number[x] for x in a], [number[x] for x in b]),
+                    "jaccard": _jaccard_of_ids(a, b),
                     "random_jaccard": expected / (len(a) + len(b) - expected) if n else math.nan})
+    return out
+
+
+def _jaccard_of_ids(a: set[str], b: set[str]) -> float:
+    number = {example: k for k, example in enumerate(sorted(a | b))}  # ids as the indices jaccard takes
+    return jaccard([number[x] for x in a], [number[x] for x in b])
+
+
+def overlap_with(run_dir: str | Path, reference: str = "bids") -> list[dict[str, Any]]:
+    """Within one run: for each budget, the Jaccard overlap of the `reference` selection with every other
+    method's selection at that budget (random: its first seed's), by example id."""
+    selections = Path(run_dir) / "selections"
+    out = []
+    for folder in sorted(selections.glob(f"{reference}-*")):
+        budget = folder.name[len(reference) + 1:]
+        if not LABEL.match(f"x-{budget}") or "seed" in budget or not (folder / "selection.json").is_file():
+            continue
+        ours = set(_selected_ids(folder))
+        for other in sorted(selections.glob(f"*-{budget}")) + sorted(selections.glob(f"*-{budget}-seed0")):
+            method = parse_label(other.name)[0]
+            if other == folder or not (other / "selection.json").is_file():
+                continue
+            theirs = set(_selected_ids(other))
+            out.append({"budget": budget, "method": method, "shared": len(ours & theirs), "size": len(ours),
+                        "jaccard": _jaccard_of_ids(ours, theirs)})
     return out
 
 
