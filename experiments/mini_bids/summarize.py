@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"- {stage}: {len(times)} units, {sum(times) / 60:.1f} min\n" for stage, times in by_stage.items()]
     (out / "progress.md").write_text("".join(lines), encoding="utf-8")
 
+    for budget in ("0.1", "0.15"):  # the selections' figures need no evaluation
+        paper_figures(run, budget, out)
     if not (run / "evaluation").is_dir():
-        for budget in ("0.1", "0.15"):
-            paper_figures(run, budget, out)
         print(f"{run}: no evaluations yet; wrote {out / 'progress.md'}")
         return 0
     rows = collect(run)
@@ -151,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     for figure in FIGURES:
         if (run / "report" / figure).is_file():
             shutil.copy(run / "report" / figure, out / figure)
-    for budget in ("0.1", "0.15"):
-        paper_figures(run, budget, out)
     print(f"wrote {out}: {len(rows)} evaluations summarised")
     return 0
 
