@@ -1,10 +1,14 @@
-"""poise's attribution matrix equals LESS's formulas (tests/oracles.py restates them) on the same checkpoints.
+"""poise's attribution matrix in LESS mode equals what LESS's own functions give, on LESS-layout checkpoints.
 
 A tiny Llama whose tokenizer adds BOS, two LESS-layout checkpoints (a peft adapter and an FSDP `optimizer.bin`
 keyed by parameter name, with `trainer_state.json`) imported with `poise import-checkpoint`, tulu-format
-training chats (multi-turn, one with a system message) and LESS-style validation rows (prompt + completion).
-The oracle: batch size 1, the full LoRA gradient of HF's mean token loss, LESS's Adam map
-m'/sqrt(v' + eps) with the checkpoint's moments, unit rows, and the sum over checkpoints of cosines weighted
+training chats (single-turn, multi-turn, one with a system message) and LESS-style validation rows (prompt +
+completion), at LESS's default length and at one that truncates chats inside user and assistant turns.
+The labels come from the oracles restated from princeton-nlp/LESS at commit
+8abf9628b9a814ac3045445eebc8ba3c908fdc78 (tests/oracles.py: `encode_with_messages_format` and `concat_messages` of
+less/data_selection/get_training_dataset.py, `tokenize` of less/data_selection/get_validation_dataset.py).
+The rest restates LESS's formulas: batch size 1, the full LoRA gradient of HF's mean token loss, LESS's Adam
+map m'/sqrt(v' + eps) with the checkpoint's moments, unit rows, and the sum over checkpoints of cosines weighted
 by each epoch's mean learning rate (normalised to sum 1).
 """
 
@@ -37,7 +41,18 @@ POOL = [
     [{"role": "user", "content": "Solve for x: 3x + 5 = 20."}, {"role": "assistant", "content": "x = 5"}],
     [{"role": "user", "content": "Explain why the sky is blue in one sentence."},
      {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog."}],
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."}],
+    [{"role": "user", "content": "Which number is larger, 7 or 9?"}, {"role": "assistant", "content": "9 is larger."}],
+    [{"role": "user", "content": "Summarize the following text in one line."},
+     {"role": "assistant", "content": " The answer is 42. "}],
+    [{"role": "user", "content": "Count the words in this sentence, please."},
+     {"role": "assistant", "content": "There are seven words."}],
+    [{"role": "user", "content": "for i in range(10):"}, {"role": "assistant", "content": "    print(i * i)"}],
+    [{"role": "user", "content": "Hello, how are you today?"}, {"role": "assistant", "content": "Thank you!"}],
 ]
+LENGTHS = [2048, 45]
+"""LESS's default max_seq_length, and one that cuts four chats inside a user or an assistant turn."""
 VALIDATION = {
     "math": [("Question: What is two plus two?\nAnswer:", " four"), ("Solve: 3x + 5 = 20. x =", " 5")],
     "code": [("Write a function that adds two numbers:\n", "def add(a, b):\n    return a + b"),
@@ -121,15 +136,16 @@ def oracle_rows(run: dict, k: int, encodings: list[tuple[list[int], list[int]]],
     return np.stack(rows)
 
 
-def poise_matrix(run: dict, train_template: str) -> tuple[np.ndarray, list[str]]:
+def poise_matrix(run: dict, train_template: str, max_seq_length: int = 2048) -> tuple[np.ndarray, list[str]]:
     root = run["root"]
-    out = root / f"features-{train_template}"
+    out = root / f"features-{train_template}-{max_seq_length}"
     for k in (1, 2):
         checkpoint = str(root / "poise" / f"checkpoint-{k}")
         run_features(FeaturesConfig(data=[str(root / "pool.jsonl")], out=str(out / f"{k}" / "train"),
-                                    checkpoint=checkpoint, kind="adam", projection="none", template=train_template))
+                                    checkpoint=checkpoint, kind="adam", projection="none", template=train_template,
+                                    max_seq_length=max_seq_length))
         run_features(FeaturesConfig(data=[str(root / "val")], out=str(out / f"{k}" / "val"), checkpoint=checkpoint,
-                                    kind="sgd", projection="none", template="plain"))
+                                    kind="sgd", projection="none", template="plain", max_seq_length=max_seq_length))
     attribution = compute_attribution(AttributeConfig(train=[str(out / "1" / "train"), str(out / "2" / "train")],
                                                       val=[str(out / "1" / "val"), str(out / "2" / "val")],
                                                       out=str(out / "attribution")))
@@ -137,20 +153,24 @@ def poise_matrix(run: dict, train_template: str) -> tuple[np.ndarray, list[str]]
     return matrix.scores, matrix.tasks
 
 
-def oracle_matrix(run: dict, val_order: list[tuple[str, str]]) -> np.ndarray:
+def oracle_matrix(run: dict, val_order: list[tuple[str, str]], max_seq_length: int = 2048) -> np.ndarray:
     tokenizer = run["tokenizer"]
-    train = [less_tulu_encoding(m, tokenizer) for m in POOL]
-    val = [less_plain_encoding(p, c, tokenizer) for p, c in val_order]
+    train = [less_tulu_encoding(m, tokenizer, max_seq_length) for m in POOL]
+    val = [less_plain_encoding(p, c, tokenizer, max_seq_length) for p, c in val_order]
     weights = {k: np.mean(LOG_LRS[k]) for k in (1, 2)}
     total = sum(weights.values())
     return sum(weights[k] / total * oracle_rows(run, k, train, adam=True) @ oracle_rows(run, k, val, adam=False).T
                for k in (1, 2))
 
 
-def test_poise_equals_less_formulas_with_the_less_label_modes(less_run) -> None:
-    scores, tasks = poise_matrix(less_run, "tulu-less")
+@pytest.mark.parametrize("max_seq_length", LENGTHS)
+def test_poise_equals_less_with_the_less_label_modes(less_run, max_seq_length) -> None:
+    tokenizer = less_run["tokenizer"]
+    cut = sum(len(less_tulu_encoding(m, tokenizer)[0]) > max_seq_length for m in POOL)
+    assert cut == (0 if max_seq_length == 2048 else 4)  # the truncating length does cut chats
+    scores, tasks = poise_matrix(less_run, "tulu-less", max_seq_length)
     order = [row for task in dict.fromkeys(tasks) for row in VALIDATION[task]]
-    expected = oracle_matrix(less_run, order)
+    expected = oracle_matrix(less_run, order, max_seq_length)
     np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)
     # task-max picks (LESS's rule: the max over tasks of the mean over the task's columns) are identical
     columns = {t: [j for j, task in enumerate(tasks) if task == t] for t in dict.fromkeys(tasks)}
@@ -158,11 +178,13 @@ def test_poise_equals_less_formulas_with_the_less_label_modes(less_run) -> None:
     from poise import AttributionMatrix
 
     matrix = AttributionMatrix(scores.astype(np.float32), list(range(len(tasks))), tasks)
-    assert select(matrix, "task-max", 4).indices.tolist() == np.argsort(-task_scores, kind="stable")[:4].tolist()
+    order = np.argsort(-task_scores, kind="stable")
+    assert np.diff(task_scores[order][:5]).max() < -1e-5  # no near-tie decides the first four picks
+    assert select(matrix, "task-max", 4).indices.tolist() == order[:4].tolist()
 
 
 def test_the_parity_fails_when_the_newline_after_eos_is_masked(less_run) -> None:
-    """With poise's own tulu labels (the newline after a non-final EOS masked) the matrix moves: the test can fail."""
+    """With poise's own tulu labels (the newline after every EOS masked) the matrix moves: the test can fail."""
     scores, tasks = poise_matrix(less_run, "tulu")
     order = [row for task in dict.fromkeys(tasks) for row in VALIDATION[task]]
     expected = oracle_matrix(less_run, order)

@@ -46,11 +46,12 @@ CORPUS = [
 
 
 @functools.cache
-def tiny_tokenizer(chat_template: bool = True, add_bos: bool = False):
+def tiny_tokenizer(chat_template: bool = True, add_bos: bool = False, add_eos: bool = False):
     """A byte-level BPE tokenizer (vocab 400, ids 0..4 = <pad> <s> </s> <|im_start|> <|im_end|>).
 
     `chat_template` attaches the ChatML template; `add_bos` makes the tokenizer prepend <s> when called with
-    add_special_tokens=True, as Llama's does (the tulu path must then keep exactly one BOS).
+    add_special_tokens=True, as Llama's does (the tulu path must then keep exactly one BOS); `add_eos` makes it
+    append </s> too (as some seq2seq-era tokenizers do), so truncation keeps the EOS last.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -61,9 +62,11 @@ def tiny_tokenizer(chat_template: bool = True, add_bos: bool = False):
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(CORPUS * 4, trainer)
-    if add_bos:
-        backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                               special_tokens=[("<s>", 1)])
+    if add_bos or add_eos:
+        single = ("<s> " if add_bos else "") + "$A" + (" </s>" if add_eos else "")
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=single + " " + single.replace("$A", "$B"),
+            special_tokens=[("<s>", 1), ("</s>", 2)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", extra_special_tokens=["<|im_start|>", "<|im_end|>"])
     if chat_template:

@@ -13,6 +13,12 @@ token straddles a boundary, character offsets of a fast tokenizer locate it inst
 tokenised with `add_special_tokens=False`: chat templates write their own BOS, so it is never added twice
 (the tulu template writes none, so the tokenizer's BOS is prepended when it normally adds one).
 
+Two modes label exactly as LESS does instead (`_Encoder._encode_less`): `tulu-less` is LESS's
+`encode_with_messages_format` (the tulu text as it is, so the newline after every EOS, the last one included,
+is a target; the tokenizer's own call adds its special tokens and truncates; every non-system/user token is a
+target), and `plain` is LESS's validation rows (prompt + completion, no template, no EOS, the prompt's tokens
+masked). Both mask by prefix token counts, as LESS does, even where a token straddles a boundary.
+
 Examples with no target token left after truncation to `max_seq_length` are excluded and reported: LESS
 silently keeps them and gives them identical nonzero Adam features (docs/design.md §2.1).
 """
@@ -35,7 +41,7 @@ if TYPE_CHECKING:
 
 ChatTemplate = Template  # the alias lives in poise.options
 """How conversations are rendered: the tokenizer's chat template when it has one ("auto"), always it ("chat"),
-or the LESS/open-instruct tulu template ("tulu")."""
+the LESS/open-instruct tulu template ("tulu"), or LESS's own labelling ("tulu-less", "plain")."""
 
 TULU_TEMPLATE: dict[str, str] = {
     "system": "<|system|>\n{content}\n",
@@ -195,13 +201,17 @@ class _Encoder:
         self.max_seq_length = max_seq_length
         self.kind = "chat" if template == "chat" or (template == "auto" and has_chat) else \
             template if template in ("tulu-less", "plain") else "tulu"
-        # LESS's labels (open-instruct's encode_with_messages_format, and its prompt + completion validation
-        # rows): the text is stripped at the end, and every token after a masked segment is a target, so the
-        # newline after an EOS that ends a non-final assistant turn is trained on. Nothing is trimmed.
+        # LESS's own labelling (tulu-less: encode_with_messages_format; plain: its validation rows), restated
+        # in `_encode_less`: the tokenizer's own call, special tokens and truncation included, and masks by
+        # prefix token counts. Its rules differ from poise's own (see the module docstring there).
         self.less = self.kind in ("tulu-less", "plain")
+        special = tokenizer.num_special_tokens_to_add() if self.less else 0
+        if max_seq_length < special:  # the tokenizer's own truncation cannot honour it (it returns everything)
+            raise PoiseError(f"max_seq_length={max_seq_length} is less than the {special} special tokens the tokenizer "
+                             f"adds to every sequence, which template {template!r} keeps as LESS does")
         self.eos = tokenizer.eos_token or ""
         self.prefix: list[int] = []
-        if self.kind != "chat" and tokenizer.bos_token_id is not None:
+        if self.kind == "tulu" and tokenizer.bos_token_id is not None:
             probe = tokenizer("a", add_special_tokens=True)["input_ids"]
             if probe[:1] == [tokenizer.bos_token_id]:  # the tokenizer adds BOS itself (Llama); LESS keeps it
                 self.prefix = [tokenizer.bos_token_id]
@@ -236,8 +246,6 @@ class _Encoder:
     def plan(self, example: Example) -> _Plan:
         messages = example.messages or []
         full = self.render(messages, False, example.where)
-        if self.kind == "tulu-less":
-            full = full.strip()  # as LESS: the last turn's newline is not in the text
         turns = []
         for k, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -271,6 +279,8 @@ class _Encoder:
     # -------------------------------------------------------------------------------- tokenising
     def encode(self, examples: Sequence[Example]) -> list[tuple[Tokenized, str | None]]:
         """(tokenized, None) or (tokenized without a target, the reason) for each example."""
+        if self.less:
+            return self._encode_less(examples)
         plans: list[_Plan | None] = [None if e.messages is None else self.plan(e) for e in examples]
         texts: list[str] = []
         index: dict[str, int] = {}
@@ -292,8 +302,7 @@ class _Encoder:
                                       example)
             labels = [IGNORE_INDEX] * len(full_ids)
             for start, end in spans:
-                if not self.less:
-                    end = self._trim_blank_tail(full_ids, start, end)
+                end = self._trim_blank_tail(full_ids, start, end)
                 labels[start:end] = full_ids[start:end]
             if not plan.turns:
                 results.append(self._finish(self.prefix + full_ids, [IGNORE_INDEX] * len(self.prefix) + labels,
@@ -302,13 +311,73 @@ class _Encoder:
                 results.append(self._finish(self.prefix + full_ids, [IGNORE_INDEX] * len(self.prefix) + labels))
         return results
 
+    def _encode_less(self, examples: Sequence[Example]) -> list[tuple[Tokenized, str | None]]:
+        """LESS's labelling, as its `encode_with_messages_format` (tulu-less) and validation `tokenize` (plain) do.
+
+        - The rendered text as it is (tulu-less: every assistant turn, the last included, ends with EOS and a
+          newline; plain: the contents concatenated) is tokenised by one call of the tokenizer with its special
+          tokens (BOS, or whatever its post-processor adds), truncated to `max_seq_length` by that call.
+        - Labels start as the ids. Each non-assistant message is masked from the token count of the text
+          before it (0 for the first message) to the token count of the text up to it, plus the assistant
+          header when an assistant message follows; every count comes from the same kind of call. The loop
+          stops after a mask that reaches `max_seq_length`.
+        - Everything else is a target: assistant contents, their EOS and the newline after it, and the header of
+          an assistant message that follows another.
+        """
+        header = TULU_GENERATION_PROMPT if self.kind == "tulu-less" else ""
+        texts: list[str] = []
+        index: dict[str, int] = {}
+
+        def slot(text: str) -> int:
+            if text not in index:
+                index[text] = len(texts)
+                texts.append(text)
+            return index[text]
+
+        plans: list[tuple[int, list[tuple[int | None, int]], bool] | None] = []
+        for example in examples:
+            messages = example.messages
+            if messages is None:
+                plans.append(None)
+                continue
+            full = slot(self.render(messages, False, example.where))
+            masks = []
+            for k, message in enumerate(messages):
+                if message["role"] == "assistant":
+                    continue
+                start = None if k == 0 else slot(self.render(messages[:k], False, example.where))
+                upto = self.render(messages[:k + 1], False, example.where)
+                if k + 1 < len(messages) and messages[k + 1]["role"] == "assistant":
+                    upto += header
+                masks.append((start, slot(upto)))
+            plans.append((full, masks, any(m["role"] == "assistant" for m in messages)))
+        ids = self.tokenizer(texts, max_length=self.max_seq_length, truncation=True,
+                             verbose=False)["input_ids"] if texts else []
+        results = []
+        for example, plan in zip(examples, plans, strict=True):
+            if plan is None:
+                results.append(self._given(example))
+                continue
+            full, masks, has_assistant = plan
+            input_ids = list(ids[full])
+            labels = list(input_ids)
+            for start, upto in masks:
+                lo, hi = 0 if start is None else len(ids[start]), len(ids[upto])
+                labels[lo:hi] = [IGNORE_INDEX] * len(labels[lo:hi])
+                if hi >= self.max_seq_length:
+                    break
+            reason = None
+            if not has_assistant:
+                reason = "no assistant turn to train on"
+            elif all(label == IGNORE_INDEX for label in labels):
+                reason = f"no target tokens within max_seq_length={self.max_seq_length}"
+            results.append(self._finish(input_ids, labels, reason))
+        return results
+
     def _token_spans(self, plan: _Plan, prefix_ids: list[tuple[list[int], list[int]]], full_ids: list[int],
                      example: Example) -> list[tuple[int, int]]:
         spans = []
         for head, end in prefix_ids:
-            if self.less:  # LESS masks by the token counts of the prefixes, even where a token straddles a boundary
-                spans.append((len(head), len(end)))
-                continue
             if full_ids[:len(head)] != list(head) or full_ids[:len(end)] != list(end):
                 return self._offset_spans(plan, example)
             spans.append((len(head), len(end)))
