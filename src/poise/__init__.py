@@ -6,11 +6,10 @@ analyse and report the selection.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from poise.attribution import AttributionMatrix, load_attribution  # noqa: E402
 from poise.errors import PoiseError, PoiseWarning  # noqa: E402
 from poise.selection import METHODS, Selection, read_selection, select, write_selection  # noqa: E402
+from poise.version import __version__  # noqa: E402 - a leaf module
 
 
 def run(config, **options):  # noqa: ANN001, ANN201 - the signature is pipeline.run's

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from poise import __version__
 from poise.config import (
     AttributeConfig,
     DemoConfig,
@@ -34,6 +33,7 @@ from poise.config import (
     load_yaml,
 )
 from poise.errors import PoiseError, PoiseWarning
+from poise.version import __version__
 
 
 # ----------------------------------------------------------------------------- dataclass -> flags

@@ -30,9 +30,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from poise import __version__
 from poise.errors import PoiseError
 from poise.io import atomic_write_json, atomic_write_lines, atomic_write_text, read_jsonl
+from poise.version import __version__
 
 #: The BIDS paper's seven benchmarks as lm-eval task names (MATH: minerva_math, the 4-shot Minerva format).
 BIDS_SUITE = ("humaneval", "mbpp", "gsm_plus", "minerva_math", "bbh_cot_fewshot", "mmlu", "ifeval")

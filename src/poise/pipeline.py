@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from poise import __version__, distributed
+from poise import distributed
 from poise.config import (
     AttributeConfig,
     EvaluateConfig,
@@ -53,6 +53,7 @@ from poise.config import (
 from poise.errors import PoiseError
 from poise.io import atomic_write_json, atomic_write_text, read_json
 from poise.options import SELECTION_METHODS, TEMPLATES
+from poise.version import __version__
 
 #: The stages in the order they run (`--from` / `--until` take these names).
 STAGES: tuple[str, ...] = ("data", "warmup", "features", "attribute", "select", "train", "evaluate", "report")

@@ -43,12 +43,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from poise import __version__, distributed
+from poise import distributed
 from poise.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_FILE, MOMENTS_FILE
 from poise.config import ImportConfig, TrainConfig, WarmupConfig, to_dict
 from poise.errors import PoiseError
 from poise.io import atomic_write_json, atomic_write_lines, read_json
 from poise.options import LR_SCHEDULERS
+from poise.version import __version__
 
 ARGUMENTS_FILE = "arguments.json"
 EXAMPLES_FILE = "examples.jsonl"

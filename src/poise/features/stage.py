@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from poise import __version__, distributed
+from poise import distributed
 from poise.checkpoint import CHECKPOINT_FILE, MOMENTS_FILE
 from poise.config import FeaturesConfig, to_dict
 from poise.errors import PoiseError
 from poise.features.store import FeatureStore
+from poise.version import __version__
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8

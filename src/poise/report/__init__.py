@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from poise import __version__
 from poise.analysis import aid_by_task, coverage, overlap, profile, task_summary
 from poise.attribution import AttributionMatrix, load_matrix
 from poise.errors import PoiseError
 from poise.io import atomic_write_bytes, atomic_write_text
 from poise.report.downstream import read_evaluation
 from poise.selection import SELECTED_FILE, SELECTION_FILE, Selection, read_selection
+from poise.version import __version__
 
 if TYPE_CHECKING:
     from poise.config import ReportConfig
