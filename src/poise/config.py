@@ -1,8 +1,24 @@
 """One typed settings class per stage, behind the YAML file, the CLI flags and the Python API.
 
-Each field's metadata carries its help text; `cli.py` turns the dataclass into flags, `load_yaml`
-fills it from a file (unknown keys are an error naming the file and key), and `to_dict` is what a stage
-saves beside its outputs.
+Each field's metadata carries its help text and its **role**, from which everything else is derived:
+
+- `result` (the default): it changes the stage's output, so it is saved beside the output, compared when the
+  folder is reopened (poise.provenance) and part of the pipeline's fingerprint;
+- `path`: an input file or folder; like `result` (an existing path counts absolute);
+- `execution`: how the work is done, not what it gives (device, micro-batch sizes, overwrite): never compared,
+  never fingerprinted, so changing it reruns nothing;
+- `output`: the output folder itself.
+
+`pipeline` says whether `poise run` sets the field: "top" (from the run config's top level: model, template,
+...) or "set" (the pipeline fills it in: paths between stages, the method of each selection, ...); such fields
+are not allowed in a run config's stage section. `required`, `choices` and the range `low`/`high` are checked
+by `validate`, which every stage calls before any work; its errors name the class and the field (the Python
+API has no flags). `cli.py` turns the dataclass into flags, `load_yaml` fills it from a file (unknown keys are
+an error naming the file and key).
+
+How to add a stage setting: add one field to the stage's class with its help text, and a role unless it is
+`result`. The CLI flag, the YAML key, the run config key, the refusal of a folder made with another value and
+the pipeline's rerun all follow from it.
 """
 
 from __future__ import annotations
@@ -29,36 +45,80 @@ from poise.options import (
     TEMPLATES,
 )
 
+ROLES = ("result", "path", "execution", "output")
+"""The roles of a config field (see the module docstring)."""
 
-def _f(default: Any, help: str, **meta: Any) -> Any:
+
+def _f(default: Any, help: str, role: str = "result", **meta: Any) -> Any:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
+        return field(default_factory=lambda: list(default), metadata={"help": help, "role": role, **meta})
+    return field(default=default, metadata={"help": help, "role": role, **meta})
+
+
+def field_role(f: dataclasses.Field) -> str:
+    """result, path, execution or output (see the module docstring)."""
+    return str(f.metadata.get("role", "result"))
+
+
+def pipeline_set(cls: type) -> set[str]:
+    """The fields of a stage class that `poise run` sets itself (not allowed in a run config's section)."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("pipeline")}
+
+
+def validate(config: Any) -> None:
+    """Required fields are given, choices are among the allowed ones, numbers lie in their range; the error
+    names the class and the field."""
+    name = type(config).__name__
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("required") and (value is None or value == "" or value == []):
+            raise PoiseError(f"{name}.{f.name} is required ({f.metadata.get('help', '')})")
+        choices = f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise PoiseError(f"{name}.{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        low, high = f.metadata.get("low"), f.metadata.get("high")
+        if value is None or (low is None and high is None):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise PoiseError(f"{name}.{f.name}: expected a number, got {value!r}")
+        low_open = f.metadata.get("low_open", False)
+        if low is not None and (value <= low if low_open else value < low) or high is not None and value > high:
+            interval = f"{'(' if low_open else '['}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+            raise PoiseError(f"{name}.{f.name} must be in {interval}, got {value!r}")
 
 
 @dataclass
 class MatrixConfig:
     """Where the attribution matrix comes from (shared by select and report)."""
 
-    attribution: str | None = _f(None, "a poise attribution folder (scores.npy + columns.jsonl + rows.jsonl)")
-    scores: str | None = _f(None, "scores file: .npy, .safetensors or weights-only torch .pt (N_train x N_val)")
-    columns: str | None = _f(None, "JSONL, one {\"id\", \"task\"} per validation column (with --scores)")
-    rows: str | None = _f(None, "JSONL, one {\"id\"} per training row (optional)")
+    attribution: str | None = _f(None, "a poise attribution folder (scores.npy + columns.jsonl + rows.jsonl)",
+                                 role="path", pipeline="set")
+    scores: str | None = _f(None, "scores file: .npy, .safetensors or weights-only torch .pt (N_train x N_val)",
+                            role="path", pipeline="set")
+    columns: str | None = _f(None, "JSONL, one {\"id\", \"task\"} per validation column (with --scores)",
+                             role="path", pipeline="set")
+    rows: str | None = _f(None, "JSONL, one {\"id\"} per training row (optional)", role="path", pipeline="set")
 
 
 @dataclass
 class SelectConfig(MatrixConfig):
     """`poise select`: choose a budgeted subset of the pool."""
 
-    method: str = _f("bids", "selection method", choices=SELECTION_METHODS)
-    budget: str = _f("0.15", "a whole number is a count (4500); a number with a point in (0, 1] a fraction (0.15)")
-    out: str | None = _f(None, "output folder (selection.json, selected.jsonl)", required=True)
-    pool: str | None = _f(None, "the pool JSONL, in matrix row order: writes its lines in pick order")
+    method: str = _f("bids", "selection method", choices=SELECTION_METHODS, pipeline="set")
+    budget: str = _f("0.15", "a whole number is a count (4500); a number with a point in (0, 1] a fraction (0.15)",
+                     pipeline="set")
+    out: str | None = _f(None, "output folder (selection.json, selected.jsonl)", required=True,
+                         role="output", pipeline="set")
+    pool: str | None = _f(None, "the pool JSONL, in matrix row order: writes its lines in pick order",
+                          role="path", pipeline="set")
     seed: int = _f(0, "random seed (method 'random')")
     normalize: bool | None = _f(None, "column-normalise before selecting (default: on for bids, off otherwise)")
     tasks: list[str] | None = _f(None, "use only the columns of these tasks (comma-separated)")
-    label: str | None = _f(None, "name shown in reports (default: the method)")
-    overwrite: bool = _f(False, "replace an existing selection made with other settings")
+    label: str | None = _f(None, "name shown in reports (default: the method)", pipeline="set")
+    overwrite: bool = _f(False, "replace an existing selection made with other settings",
+                         role="execution", pipeline="set")
 
 
 @dataclass
@@ -66,14 +126,18 @@ class ReportConfig(MatrixConfig):
     """`poise report`: plots and an HTML page for one or more selections and the runs evaluated on them."""
 
     selections: list[str] = _f([], "selection folders (poise select) and/or evaluation folders (poise evaluate)",
-                               positional=True)
+                               positional=True, role="path", pipeline="set")
     metric: str = _f("nll", "evaluations: the metric shown per task when the task has it (else its first)")
-    out: str | None = _f(None, "output folder for the PNGs and report.html", required=True)
+    out: str | None = _f(None, "output folder for the PNGs and report.html", required=True,
+                         role="output", pipeline="set")
     title: str = _f("poise selection report", "title of the HTML page")
     embed_images: bool = _f(True, "embed the figures in report.html as data URIs, one file that opens anywhere "
                             "(the PNGs are written beside it too); --no-embed-images links the PNG files instead")
     validation: list[str] = _f([], "validation files or folders (one JSONL per task, as given to poise features): "
-                               "only to show, beside each first pick, the text of the validation example it served")
+                               "only to show, beside each first pick, the text of the validation example it served",
+                               role="path", pipeline="set")
+    overwrite: bool = _f(False, "replace a report folder made with other settings", role="execution",
+                         pipeline="set")
 
 
 @dataclass
@@ -95,12 +159,12 @@ class DemoConfig:
 class DataConfig:
     """How examples become token sequences (shared by warmup and features)."""
 
-    max_seq_length: int = _f(2048, "truncate every example to this many tokens")
+    max_seq_length: int = _f(2048, "truncate every example to this many tokens", pipeline="top", low=2)
     template: str = _f("auto", "the tokenizer's chat template (auto/chat), the tulu format (tulu), tulu labelled as "
                        "LESS does (tulu-less), or prompt + completion with no template (plain: LESS's validation "
-                       "rows)", choices=TEMPLATES)
+                       "rows)", choices=TEMPLATES, pipeline="top")
     max_batch_size: int = _f(16, "most examples in one forward pass (training: gradient accumulation reaches "
-                                 "--batch-size)")
+                                 "--batch-size)", role="execution", low=1)
 
 
 @dataclass
@@ -108,41 +172,50 @@ class FeaturesConfig(DataConfig):
     """`poise features`: per-example LoRA gradient features (or RDS representations) of a data set."""
 
     max_tokens: int = _f(2048, "token budget of a batch (batch size x longest sequence); memory grows ~2.7 MB "
-                         "per padded token for SmolLM2-135M in float32 (vocab 49K): raise it on GPUs")
+                         "per padded token for SmolLM2-135M in float32 (vocab 49K): raise it on GPUs",
+                         role="execution", low=1)
 
     data: list[str] = _f([], "data files or folders (JSONL, JSON, parquet, datasets folder) or a hub data set "
-                         "org/name[@config][:split]", required=True)
-    out: str | None = _f(None, "output folder (features.npy, ids.jsonl, info.json)", required=True)
-    checkpoint: str | None = _f(None, "a poise checkpoint folder, or any peft adapter folder for sgd/reps")
+                         "org/name[@config][:split]", required=True, role="path", pipeline="set")
+    out: str | None = _f(None, "output folder (features.npy, ids.jsonl, info.json)", required=True,
+                         role="output", pipeline="set")
+    checkpoint: str | None = _f(None, "a poise checkpoint folder, or any peft adapter folder for sgd/reps",
+                                role="path", pipeline="set")
     model: str | None = _f(None, "base model: folder, hub id (downloaded once, cached), .gguf file or smollm2-135m "
-                           "(default: the one the checkpoint names)")
+                           "(default: the one the checkpoint names)", role="path", pipeline="top")
     kind: str = _f("adam", "adam (training examples), sgd (validation examples) or reps (RDS)",
-                   choices=FEATURE_KINDS)
+                   choices=FEATURE_KINDS, pipeline="set")
     adam_formula: str = _f("less", "less = m'/sqrt(v'+eps) as LESS; textbook = bias-corrected Adam direction",
                            choices=ADAM_FORMULAS)
     projection: str = _f("sjlt", "sjlt (sparse JL), rademacher (dense, TRAK/LESS) or none", choices=PROJECTIONS)
-    dim: int = _f(8192, "projection dimension")
+    dim: int = _f(8192, "projection dimension", low=1)
     seed: int = _f(0, "projection seed")
     pooling: str = _f("last", "reps only: last non-pad token (RDS) or masked mean (RDS+)", choices=POOLINGS)
-    task: str | None = _f(None, "task of every example (default: the row's 'task', else the file name)")
-    dtype: str = _f("float32", "model dtype", choices=DTYPES)
-    device: str = _f("cpu", "cpu, cuda, cuda:1, mps ... (under torchrun cuda means each rank's own GPU)")
+    task: str | None = _f(None, "task of every example (default: the row's 'task', else the file name)", pipeline="set")
+    dtype: str = _f("float32", "model dtype", choices=DTYPES, pipeline="top")
+    device: str = _f("cpu", "cpu, cuda, cuda:1, mps ... (under torchrun cuda means each rank's own GPU)",
+                     role="execution", pipeline="top")
     output_dtype: str = _f("float32", "dtype of features.npy", choices=("float32", "float16"))
-    overwrite: bool = _f(False, "replace features made with other settings")
+    overwrite: bool = _f(False, "replace features made with other settings", role="execution", pipeline="set")
 
 
 @dataclass
 class AttributeConfig:
     """`poise attribute`: train and validation features -> the attribution matrix A (N_train x N_val)."""
 
-    train: list[str] = _f([], "train features folders, one per checkpoint (comma-separated)", required=True)
-    val: list[str] = _f([], "validation features folders, the same checkpoints in the same order", required=True)
-    out: str | None = _f(None, "output attribution folder (what `poise select --attribution` reads)", required=True)
+    train: list[str] = _f([], "train features folders, one per checkpoint (comma-separated)", required=True,
+                          role="path", pipeline="set")
+    val: list[str] = _f([], "validation features folders, the same checkpoints in the same order", required=True,
+                        role="path", pipeline="set")
+    out: str | None = _f(None, "output attribution folder (what `poise select --attribution` reads)", required=True,
+                         role="output", pipeline="set")
     weights: list[str] | None = _f(None, "checkpoint weights (default: each checkpoint's mean learning rate); "
                                    "normalised to sum 1")
-    rds: bool = _f(False, "the folders hold representations (--kind reps): write the RDS cosine matrix")
-    chunk_rows: int = _f(8192, "training rows per chunk (memory ~ chunk_rows x (d + N_val) floats)")
-    overwrite: bool = _f(False, "replace an attribution folder made from other features")
+    rds: bool = _f(False, "the folders hold representations (--kind reps): write the RDS cosine matrix", pipeline="set")
+    chunk_rows: int = _f(8192, "training rows per chunk (memory ~ chunk_rows x (d + N_val) floats)",
+                         role="execution", low=1)
+    overwrite: bool = _f(False, "replace an attribution folder made from other features",
+                         role="execution", pipeline="set")
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -252,29 +325,32 @@ class LoraTrainingConfig(DataConfig):
     """Settings shared by `poise warmup` and `poise train` (one Trainer-based training function)."""
 
     model: str | None = _f(None, "base model: folder, hub id (downloaded once, cached), .gguf file or smollm2-135m",
-                           required=True)
-    lora_r: int = _f(128, "LoRA rank")
-    lora_alpha: int = _f(512, "LoRA alpha (the update is scaled by alpha / r)")
-    lora_dropout: float = _f(0.1, "dropout on the LoRA input while training")
+                           required=True, role="path", pipeline="top")
+    lora_r: int = _f(128, "LoRA rank", low=1)
+    lora_alpha: int = _f(512, "LoRA alpha (the update is scaled by alpha / r)", low=0, low_open=True)
+    lora_dropout: float = _f(0.1, "dropout on the LoRA input while training", low=0, high=1)
     target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get a LoRA adapter")
-    lr: float = _f(2e-5, "peak learning rate (AdamW)")
-    warmup_ratio: float = _f(0.03, "fraction of all optimizer steps with linear warm-up")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.999, "AdamW beta2")
-    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    lr: float = _f(2e-5, "peak learning rate (AdamW)", low=0)
+    warmup_ratio: float = _f(0.03, "fraction of all optimizer steps with linear warm-up", low=0, high=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay", low=0)
+    adam_beta1: float = _f(0.9, "AdamW beta1", low=0, high=1)
+    adam_beta2: float = _f(0.999, "AdamW beta2", low=0, high=1)
+    adam_eps: float = _f(1e-8, "AdamW epsilon", low=0)
     max_grad_norm: float = _f(1.0, "clip the gradient norm of a step to this (transformers.Trainer's default, as "
-                                   "LESS trains); 0 turns clipping off")
+                                   "LESS trains); 0 turns clipping off", low=0)
     batch_size: int = _f(128, "examples per optimizer step, over all processes (gradient accumulation and "
-                              "--max-batch-size examples per forward pass)")
+                              "--max-batch-size examples per forward pass)", low=1)
     seed: int = _f(0, "seed of the example subset and order, the LoRA init and dropout")
-    dtype: str = _f("float32", "base model dtype (the LoRA weights and Adam state stay float32)", choices=DTYPES)
+    dtype: str = _f("float32", "base model dtype (the LoRA weights and Adam state stay float32)",
+                    choices=DTYPES, pipeline="top")
     bf16: bool = _f(False, "bfloat16 mixed precision (transformers.Trainer's bf16; GPUs)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory)")
-    device: str = _f("cpu", "cpu, or cuda (under torchrun each rank its own GPU)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory)",
+                                      role="execution")
+    device: str = _f("cpu", "cpu, or cuda (under torchrun each rank its own GPU)", role="execution", pipeline="top")
     trainer: dict | None = _f(None, "extra transformers.TrainingArguments (YAML only), e.g. {fsdp: full_shard}",
                               yaml_only=True)
-    overwrite: bool = _f(False, "start over: delete what an earlier run left in the folder")
+    overwrite: bool = _f(False, "start over: delete what an earlier run left in the folder",
+                         role="execution", pipeline="set")
 
 
 @dataclass
@@ -282,11 +358,13 @@ class WarmupConfig(LoraTrainingConfig):
     """`poise warmup`: LoRA warmup training on a random part of the pool (LESS defaults), a checkpoint per epoch."""
 
     data: list[str] = _f([], "the pool: data files or folders (JSONL, JSON, parquet, datasets folder) or a hub "
-                         "data set org/name[@config][:split]", required=True)
-    out: str | None = _f(None, "run folder (checkpoint-<epoch>/ per epoch, arguments.json)", required=True)
-    fraction: float = _f(0.05, "train on this random fraction of the pool (seeded; LESS 0.05, BIDS 1.0)")
-    examples: int | None = _f(None, "train on this many random examples of the pool instead of --fraction")
-    epochs: int = _f(4, "training epochs (one checkpoint each)")
+                         "data set org/name[@config][:split]", required=True, role="path", pipeline="set")
+    out: str | None = _f(None, "run folder (checkpoint-<epoch>/ per epoch, arguments.json)", required=True,
+                         role="output", pipeline="set")
+    fraction: float = _f(0.05, "train on this random fraction of the pool (seeded; LESS 0.05, BIDS 1.0)",
+                         low=0, high=1, low_open=True)
+    examples: int | None = _f(None, "train on this many random examples of the pool instead of --fraction", low=1)
+    epochs: int = _f(4, "training epochs (one checkpoint each)", low=1)
     lr_scheduler: str = _f("linear", "decay after the warm-up: linear (LESS) or cosine (BIDS)", choices=LR_SCHEDULERS)
 
 
@@ -295,10 +373,12 @@ class TrainConfig(LoraTrainingConfig):
     """`poise train`: LoRA fine-tuning on a selection (BIDS paper defaults: 2 epochs, cosine, lr 2e-5)."""
 
     selection: str | None = _f(None, "a selection folder (its selected.jsonl, or --pool + selection.json) or any "
-                               "data file poise reads", required=True)
-    out: str | None = _f(None, "output folder: the peft adapter, arguments.json, train_log.jsonl", required=True)
-    pool: str | None = _f(None, "the pool in matrix row order, for a selection folder without selected.jsonl")
-    epochs: int = _f(2, "training epochs")
+                               "data file poise reads", required=True, role="path", pipeline="set")
+    out: str | None = _f(None, "output folder: the peft adapter, arguments.json, train_log.jsonl", required=True,
+                         role="output", pipeline="set")
+    pool: str | None = _f(None, "the pool in matrix row order, for a selection folder without selected.jsonl",
+                          role="path", pipeline="set")
+    epochs: int = _f(2, "training epochs", low=1)
     lr_scheduler: str = _f("cosine", "decay after the warm-up: linear (LESS) or cosine (BIDS)", choices=LR_SCHEDULERS)
 
 
@@ -306,22 +386,29 @@ class TrainConfig(LoraTrainingConfig):
 class EvaluateConfig:
     """`poise evaluate`: lm-evaluation-harness on every capability, for a base model or a trained adapter."""
 
-    model: str | None = _f(None, "base model: folder, hub id, .gguf file or smollm2-135m", required=True)
-    out: str | None = _f(None, "output folder: results.json (lm-eval), scores.json (poise), tasks/", required=True)
-    adapter: str | None = _f(None, "a peft adapter folder (poise train's output) to evaluate on top of the model")
+    model: str | None = _f(None, "base model: folder, hub id, .gguf file or smollm2-135m", required=True,
+                           role="path", pipeline="top")
+    out: str | None = _f(None, "output folder: results.json (lm-eval), scores.json (poise), tasks/", required=True,
+                         role="output", pipeline="set")
+    adapter: str | None = _f(None, "a peft adapter folder (poise train's output) to evaluate on top of the model",
+                             role="path", pipeline="set")
     data: list[str] = _f([], "local held-out items: files or folders of {id, prompt|messages, answer} JSONL, one "
-                         "file per capability")
+                         "file per capability", role="path", pipeline="set")
     tasks: list[str] = _f([], "lm-eval task names, or bids-suite (the BIDS paper's seven; they need the hub)")
-    label: str | None = _f(None, "name of this run in comparison tables (default: the adapter folder, or base)")
-    template: str = _f("auto", "how local prompts are rendered (as the training data was)", choices=TEMPLATES)
-    max_gen_toks: int = _f(32, "tokens generated for exact match on local tasks")
-    batch_size: int = _f(8, "lm-eval batch size")
-    limit: int | None = _f(None, "evaluate only the first N items of each task (quick checks)")
+    label: str | None = _f(None, "name of this run in comparison tables (default: the adapter folder, or base)",
+                           pipeline="set")
+    template: str = _f("auto", "how local prompts are rendered (as the training data was)",
+                       choices=TEMPLATES, pipeline="top")
+    max_gen_toks: int = _f(32, "tokens generated for exact match on local tasks", low=1)
+    batch_size: int = _f(8, "lm-eval batch size", role="execution", low=1)
+    limit: int | None = _f(None, "evaluate only the first N items of each task (quick checks)", low=1)
     allow_code_execution: bool = _f(False, "let HumanEval/MBPP execute the code the model writes (do it in a "
                                            "sandbox)")
     seed: int = _f(0, "lm-eval's random, numpy, torch and few-shot seeds")
-    dtype: str = _f("float32", "model dtype", choices=DTYPES)
-    device: str = _f("cpu", "cpu, cuda, cuda:1, mps ...")
+    dtype: str = _f("float32", "model dtype", choices=DTYPES, pipeline="top")
+    device: str = _f("cpu", "cpu, cuda, cuda:1, mps ...", role="execution", pipeline="top")
+    overwrite: bool = _f(False, "replace an evaluation folder made with other settings", role="execution",
+                         pipeline="set")
 
 
 @dataclass
@@ -329,8 +416,8 @@ class ImportConfig:
     """`poise import-checkpoint`: turn an HF-Trainer LoRA checkpoint into a poise checkpoint (named moments)."""
 
     checkpoint: str | None = _f(None, "an HF-Trainer checkpoint folder (adapter + optimizer.pt or FSDP optimizer.bin "
-                                      "+ trainer_state.json)", required=True)
-    out: str | None = _f(None, "the poise checkpoint folder to write", required=True)
-    model: str | None = _f(None, "base model (default: adapter_config.json's base_model_name_or_path)")
+                                      "+ trainer_state.json)", required=True, role="path")
+    out: str | None = _f(None, "the poise checkpoint folder to write", required=True, role="output")
+    model: str | None = _f(None, "base model (default: adapter_config.json's base_model_name_or_path)", role="path")
     epoch: int | None = _f(None, "the epoch this checkpoint ends (default: trainer_state.json's epoch, rounded)")
-    overwrite: bool = _f(False, "replace an existing checkpoint folder made from another source")
+    overwrite: bool = _f(False, "replace an existing checkpoint folder made from another source", role="execution")
