@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 import poise
-from poise.attribution import AttributionMatrix
+from poise.matrix import AttributionMatrix
 from poise.synthetic import synthetic_matrix, synthetic_rds_matrix
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from poise.analysis import (
     task_summary,
     thi,
 )
-from poise.attribution import AttributionMatrix
 from poise.errors import PoiseError
+from poise.matrix import AttributionMatrix
 from poise.synthetic import synthetic_matrix
 
 

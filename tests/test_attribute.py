@@ -12,10 +12,11 @@ import pytest
 from pipeline_fixtures import write_checkpoint, write_model, write_pool, write_validation
 from tolerances import assert_same_sums
 
-from poise.attribution import compute_attribution, load_attribution
+from poise.attribution import compute_attribution
 from poise.config import AttributeConfig, FeaturesConfig
 from poise.errors import PoiseError
 from poise.features.stage import run_features
+from poise.matrix import load_attribution
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,7 @@ def _feature_args(setup, out: Path, *extra: str) -> list[str]:
 def test_killed_run_restarted_gives_byte_identical_features(setup, tmp_path) -> None:
     reference = _cli(*_feature_args(setup, tmp_path / "whole"))
     assert reference.returncode == 0, reference.stderr
-    killed = _cli(*_feature_args(setup, tmp_path / "resumed"), env={"POISE_KILL_AFTER_WRITES": "4"})
+    killed = _cli(*_feature_args(setup, tmp_path / "resumed"), env={"POISE_KILL_AT": "writes:4"})
     assert killed.returncode == -9  # SIGKILL, after 4 batches' rows were flushed, the 4th not yet logged
     logged = (tmp_path / "resumed" / "progress" / "rank-0.log").read_text().split()
     assert len(logged) == 3
@@ -243,5 +243,5 @@ def test_features_without_checkpoint_for_gradients_is_refused(setup, tmp_path) -
 
 
 def test_reps_without_model_or_checkpoint_is_refused(setup, tmp_path) -> None:
-    with pytest.raises(PoiseError, match="--model is required"):
+    with pytest.raises(PoiseError, match="model is required"):
         run_features(FeaturesConfig(data=[str(setup["pool"])], out=str(tmp_path / "o"), kind="reps"))

@@ -26,7 +26,7 @@ from poise import load_attribution, select
 from poise.attribution import compute_attribution
 from poise.config import AttributeConfig, FeaturesConfig, ImportConfig
 from poise.features.stage import run_features
-from poise.train import import_checkpoint
+from poise.hf_import import import_checkpoint
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 POOL = [

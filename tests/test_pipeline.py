@@ -124,13 +124,25 @@ def test_changing_a_select_setting_reruns_only_the_units_it_reaches(complete_run
         {"evaluation/bids-0.5", "evaluation/task-max-0.5", "evaluation/random-0.5"}  # base is unchanged
 
 
+def test_changing_execution_only_settings_reruns_nothing(complete_run, inputs, tmp_path) -> None:
+    """evaluate.batch_size, features.max_batch_size, device ... are execution-only (their field's role): a run that
+    changes them finds every unit up to date."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(complete_run, run)
+    result = pipeline.run(config(inputs, run, evaluate__batch_size=1, features__max_batch_size=2,
+                                 attribute={"chunk_rows": 5}))
+    assert set(result.actions.values()) == {"skipped"}
+
+
 def test_sigkill_during_features_then_rerun_equals_an_uninterrupted_run(complete_run, inputs, tmp_path) -> None:
     run = tmp_path / "run"
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config(inputs, run)))
     command = [sys.executable, "-m", "poise", "run", str(path)]
     killed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
-                            env={**os.environ, "POISE_KILL_AFTER_WRITES": "2"})
+                            env={**os.environ, "POISE_KILL_AT": "writes:2"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     state = json.loads((run / "pipeline.json").read_text())["units"]
     assert state["warmup"]["complete"] and not state["features/checkpoint-1/train"]["complete"]
@@ -279,7 +291,7 @@ def test_pool_examples_the_features_left_out_are_matched_by_id(tmp_path) -> None
     left out by features): select takes the pool lines by id, with one warning; unmatched ids are refused."""
     import numpy as np
 
-    from poise.attribution import AttributionMatrix
+    from poise.matrix import AttributionMatrix
     from poise.selection import check_pool
 
     rows = [{"id": f"p{k}", "messages": [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "a"}]}

@@ -13,9 +13,9 @@ import pytest
 from rich.console import Console
 
 import poise
-from poise.attribution import AttributionMatrix
 from poise.config import ReportConfig
 from poise.errors import PoiseError
+from poise.matrix import AttributionMatrix
 from poise.report import first_picks, print_run_summary, read_validation, run_report
 from poise.report.downstream import describe, downstream_table, downstream_tables, read_evaluation
 

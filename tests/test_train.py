@@ -17,17 +17,13 @@ from safetensors.torch import load_file
 from tiny import tiny_llama, tiny_tokenizer, write_jsonl
 from tolerances import gamma
 
-from poise.config import ImportConfig, WarmupConfig
+from poise.checkpoint import ADAPTER_WEIGHTS
+from poise.config import ImportConfig, TrainConfig, WarmupConfig
 from poise.errors import PoiseError
-from poise.train import (
-    ADAPTER_WEIGHTS,
-    CHECKPOINT_FILE,
-    MOMENTS_FILE,
-    epoch_order,
-    import_checkpoint,
-    run_warmup,
-    subset_indices,
-)
+from poise.files import CHECKPOINT_FILE, MOMENTS_FILE
+from poise.hf_import import import_checkpoint
+from poise.train import epoch_order, run_train
+from poise.warmup import run_warmup, subset_indices
 
 WORDS = ["apple", "river", "seven", "blue", "code", "sum", "proof", "list", "tree", "fast", "print", "moon"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -159,7 +155,7 @@ def test_warmup_is_deterministic(setup):
 
 def test_warmup_refuses_a_run_folder_with_other_settings(setup):
     changed = dataclasses.replace(setup["config"], lr=2e-3)
-    with pytest.raises(PoiseError, match="other settings \\(lr\\)") as info:
+    with pytest.raises(PoiseError, match=r"made by poise warmup with other settings \(lr: 0\.001 -> 0\.002\)") as info:
         run_warmup(changed)
     assert "\n" not in str(info.value)
     # execution settings may change (e.g. a smaller micro-batch after running out of memory)
@@ -172,17 +168,41 @@ def test_warmup_refuses_a_run_folder_with_other_settings(setup):
     assert json.loads((copy / "arguments.json").read_text())["settings"]["lr"] == 2e-3
     # checkpoint folders without arguments.json are not a warmup run of ours
     (copy / "arguments.json").unlink()
-    with pytest.raises(PoiseError, match="not a poise warmup run"):
+    with pytest.raises(PoiseError, match="not empty and not made by poise warmup"):
         run_warmup(dataclasses.replace(changed, out=str(copy), epochs=1))
 
 
 def test_warmup_bad_settings_are_one_line_errors(setup):
-    for change, match in [({"fraction": 0.0}, "fraction"), ({"examples": 41}, "only 40"),
-                          ({"lr": "fast"}, "expected a number"), ({"batch_size": 0}, "batch-size")]:
+    for change, match in [({"fraction": 0.0}, r"WarmupConfig.fraction must be in \(0, 1\]"),
+                          ({"examples": 41}, "only 40"), ({"lr": "fast"}, "WarmupConfig.lr: expected a number"),
+                          ({"batch_size": 0}, r"WarmupConfig.batch_size must be in \[1, inf\]"),
+                          ({"target_modules": []}, "WarmupConfig.target_modules: name at least one module"),
+                          ({"trainer": {"fsdp_shards": 2}}, "unknown TrainingArguments setting 'fsdp_shards'")]:
         config = dataclasses.replace(setup["config"], out=str(setup["root"] / "bad"), **change)
         with pytest.raises(PoiseError, match=match) as info:
             run_warmup(config)
         assert "\n" not in str(info.value)
+
+
+def test_warmup_refuses_other_settings_naming_every_key_with_both_values(setup):
+    changed = dataclasses.replace(setup["config"], lr=2e-3, epochs=3, seed=4, max_batch_size=2)
+    with pytest.raises(PoiseError) as info:
+        run_warmup(changed)
+    message = str(info.value)
+    assert "made by poise warmup with other settings (epochs: 2 -> 3; lr: 0.001 -> 0.002; seed: 3 -> 4)" in message
+    assert "max_batch_size" not in message and "\n" not in message  # how a step is computed is no setting
+
+
+def test_python_api_errors_name_the_class_and_field(setup, tmp_path):
+    with pytest.raises(PoiseError, match=r"^WarmupConfig\.out is required"):
+        run_warmup(dataclasses.replace(setup["config"], out=None))
+    with pytest.raises(PoiseError, match=r"^WarmupConfig\.data is required"):
+        run_warmup(dataclasses.replace(setup["config"], data=[], out=str(tmp_path / "w")))
+    with pytest.raises(PoiseError, match=r"^TrainConfig\.selection is required"):
+        run_train(TrainConfig(model=str(setup["model"]), out=str(tmp_path / "t")))
+    with pytest.raises(PoiseError, match=r"^ImportConfig\.checkpoint is required"):
+        import_checkpoint(ImportConfig(out=str(tmp_path / "i")))
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +268,7 @@ def test_warmup_equals_a_plain_adamw_loop(no_dropout):
 TORCHRUN_SCRIPT = """
 import json, sys
 from poise.config import WarmupConfig
-from poise.train import run_warmup
+from poise.warmup import run_warmup
 run_warmup(WarmupConfig(**json.loads(sys.argv[1])))
 """
 
@@ -332,8 +352,13 @@ def test_import_hf_trainer_checkpoint(setup, hf_run):
     assert (out / ADAPTER_WEIGHTS).read_bytes() == (hf_run["checkpoint"] / ADAPTER_WEIGHTS).read_bytes()
     # the same import again is up to date; another source into the same folder is refused
     assert import_checkpoint(ImportConfig(checkpoint=str(hf_run["checkpoint"]), out=str(out))) == out
-    with pytest.raises(PoiseError, match="another source"):
+    with pytest.raises(PoiseError, match=r"other settings \(epoch: 2 -> 1\)"):
         import_checkpoint(ImportConfig(checkpoint=str(hf_run["checkpoint"]), out=str(out), epoch=1))
+    other = hf_run["checkpoint"].with_name("checkpoint-3")
+    with pytest.raises(PoiseError) as info:
+        import_checkpoint(ImportConfig(checkpoint=str(other), out=str(out)))
+    assert (f"made by poise import-checkpoint with other settings (checkpoint: {str(hf_run['checkpoint'].resolve())!r} "
+            f"-> {str(other.resolve())!r}; epoch: 2 -> 1)") in str(info.value)
     # a folder that is not a checkpoint is never replaced
     with pytest.raises(PoiseError, match="not a poise checkpoint folder"):
         import_checkpoint(ImportConfig(checkpoint=str(hf_run["checkpoint"]), out=str(hf_run["root"]), overwrite=True))
@@ -373,9 +398,9 @@ def test_imported_checkpoints_yield_the_same_adam_features_as_the_native_one(set
     Trainer's live model and optimizer state, all the way to the Adam features."""
     import numpy as np
 
+    from poise.checkpoint import write_checkpoint
     from poise.config import FeaturesConfig
     from poise.features.stage import run_features
-    from poise.train import write_checkpoint
 
     root = hf_run["root"]
     moments = {f"{n}.{k}": v[k] for n, v in hf_run["final"].items() for k in ("exp_avg", "exp_avg_sq")}
@@ -481,7 +506,7 @@ def test_warmup_killed_after_an_epoch_resumes_and_ends_as_an_uninterrupted_run(s
     config = dataclasses.replace(setup["config"], out=str(tmp_path / "killed"))
     argv = [sys.executable, str(script), json.dumps(dataclasses.asdict(config))]
     killed = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300,
-                            env={**os.environ, "POISE_KILL_AFTER_EPOCH": "1"})
+                            env={**os.environ, "POISE_KILL_AT": "epoch:1"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     out = Path(config.out)
     assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
@@ -557,7 +582,7 @@ def test_train_killed_after_its_first_epoch_resumes_and_matches_an_uninterrupted
                            check=False, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
     killed = subprocess.run(argv + _train_argv(setup, tmp_path / "resumed", selection), capture_output=True,
-                            text=True, check=False, timeout=300, env={**os.environ, "POISE_KILL_AFTER_EPOCH": "1"})
+                            text=True, check=False, timeout=300, env={**os.environ, "POISE_KILL_AT": "epoch:1"})
     assert killed.returncode == -9
     resumed = subprocess.run(argv + _train_argv(setup, tmp_path / "resumed", selection), capture_output=True,
                              text=True, check=False, timeout=300)
@@ -598,4 +623,9 @@ def test_train_bad_selections_are_one_line_errors(setup, tmp_path, capsys):
     # the same folder with another setting is refused, naming it
     assert main(_train_argv(setup, tmp_path / "o", folder, "--pool", str(setup["pool"]), "--lr", "2e-3")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "made with other settings (lr)" in err[0], err
+    assert len(err) == 1 and "made by poise train with other settings (lr: 0.001 -> 0.002)" in err[0], err
+    # every differing setting, with both of its values
+    assert main(_train_argv(setup, tmp_path / "o", folder, "--pool", str(setup["pool"]), "--lr", "2e-3",
+                            "--epochs", "3", "--max-batch-size", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "with other settings (epochs: 2 -> 3; lr: 0.001 -> 0.002)" in err[0], err

@@ -6,8 +6,8 @@ analyse and report the selection.
 
 from __future__ import annotations
 
-from poise.attribution import AttributionMatrix, load_attribution  # noqa: E402
 from poise.errors import PoiseError, PoiseWarning  # noqa: E402
+from poise.matrix import AttributionMatrix, load_attribution  # noqa: E402
 from poise.selection import METHODS, Selection, read_selection, select, write_selection  # noqa: E402
 from poise.version import __version__  # noqa: E402 - a leaf module
 

@@ -22,8 +22,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from poise.attribution import CHUNK_ROWS, AttributionMatrix
 from poise.errors import PoiseError
+from poise.matrix import CHUNK_ROWS, AttributionMatrix
 
 __all__ = [
     "Profile", "aid", "aid_by_task", "coverage", "jaccard", "overlap", "profile", "task_summary", "thi",

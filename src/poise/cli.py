@@ -104,7 +104,7 @@ def _run_under_torchrun(run: Callable[[Any], Any], config: Any) -> tuple[Any, fl
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
-    from poise.train import run_warmup
+    from poise.warmup import run_warmup
 
     config = build_config(WarmupConfig, args, "warmup")
     checkpoints, seconds, main = _run_under_torchrun(run_warmup, config)
@@ -117,7 +117,8 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from poise.train import SUMMARY_FILE, run_train
+    from poise.files import TRAIN_SUMMARY_FILE as SUMMARY_FILE
+    from poise.train import run_train
 
     config = build_config(TrainConfig, args, "train")
     out, seconds, main = _run_under_torchrun(run_train, config)
@@ -150,39 +151,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def print_scores(scores: dict, console: Any) -> None:
     """One row per task: its metrics (value ± stderr); then the macro-average and the worst task."""
-    from rich.table import Table
+    from poise.report.tables import print_scores as print_evaluation
 
-    per_task = scores["scores"]
-    metrics = list(dict.fromkeys(m for values in per_task.values() for m in values))
-    table = Table(title=f"{scores.get('label')}: {scores.get('model')}")
-    table.add_column("task")
-    for metric in metrics:
-        table.add_column(metric, justify="right")
-    for task, values in per_task.items():
-        table.add_row(task, *[_value(values.get(m)) for m in metrics])
-    for name, pick in (("macro-average", None), ("worst", min)):
-        cells = []
-        for metric in metrics:
-            numbers = [v[metric]["value"] for v in per_task.values() if v.get(metric, {}).get("value") is not None]
-            if not numbers:
-                cells.append("–")
-            elif pick is None:
-                cells.append(f"{sum(numbers) / len(numbers):.4f}")
-            else:  # worst: the lowest, or the highest for a loss
-                cells.append(f"{(max if metric == 'nll' else min)(numbers):.4f}")
-        table.add_row(name, *cells, style="bold")
-    console.print(table)
-
-
-def _value(entry: dict | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "–"
-    stderr = entry.get("stderr")
-    return f"{entry['value']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+    print_evaluation(scores, console)
 
 
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
-    from poise.train import import_checkpoint
+    from poise.hf_import import import_checkpoint
 
     config = build_config(ImportConfig, args, "import-checkpoint")
     print(f"checkpoint: {import_checkpoint(config)}")

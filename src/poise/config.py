@@ -136,6 +136,8 @@ class ReportConfig(MatrixConfig):
     validation: list[str] = _f([], "validation files or folders (one JSONL per task, as given to poise features): "
                                "only to show, beside each first pick, the text of the validation example it served",
                                role="path", pipeline="set")
+    run: str | None = _f(None, "a poise run directory: the header names its model, data and settings", role="path",
+                         pipeline="set")
     overwrite: bool = _f(False, "replace a report folder made with other settings", role="execution",
                          pipeline="set")
 

@@ -30,8 +30,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from poise.config import validate
 from poise.errors import PoiseError
 from poise.io import atomic_write_json, atomic_write_lines, atomic_write_text, read_jsonl
+from poise.provenance import mark_complete, open_folder
 from poise.version import __version__
 
 #: The BIDS paper's seven benchmarks as lm-eval task names (MATH: minerva_math, the 4-shot Minerva format).
@@ -224,9 +226,7 @@ def run_evaluate(config: Any) -> Path:
     """Evaluate `config.model` (+ `config.adapter`) on the asked tasks into `config.out`; returns the folder."""
     from poise.model import load_adapter, load_model, load_tokenizer
 
-    missing = [f"--{k}" for k in ("model", "out") if not getattr(config, k)]
-    if missing:
-        raise PoiseError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+    validate(config)
     if not config.tasks and not config.data:
         raise PoiseError("nothing to evaluate: give --data (local held-out files, one per capability) and/or "
                          "--tasks (lm-eval task names, or bids-suite)")
@@ -238,6 +238,12 @@ def run_evaluate(config: Any) -> Path:
         _check_adapter_base(adapter, config.model)
     # every item read and checked before any model is loaded
     items = {task: (path, read_items(path)) for task, path in local_task_files(list(config.data or [])).items()}
+    opened = open_folder(out, "evaluate", config)
+    if opened.complete:
+        from poise.progress import note
+
+        note(f"evaluate: {out} is already complete (the same model, adapter, tasks and settings); nothing to do")
+        return out
 
     if not sys.stderr.isatty():  # datasets' bars would fill a log line by line
         from datasets.utils.logging import disable_progress_bar
@@ -277,6 +283,7 @@ def run_evaluate(config: Any) -> Path:
         "poise_version": __version__, "model": config.model, "adapter": str(adapter) if adapter else None,
         "label": config.label or (adapter.name if adapter else "base"), "scores": scores,
     })
+    mark_complete(out)
     return out
 
 

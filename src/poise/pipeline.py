@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from poise import distributed
+from poise import distributed, provenance
 from poise.config import (
     AttributeConfig,
     EvaluateConfig,
@@ -47,12 +47,12 @@ from poise.config import (
     TrainConfig,
     WarmupConfig,
     from_dict,
+    pipeline_set,
     read_yaml,
-    to_dict,
 )
 from poise.errors import PoiseError
 from poise.io import atomic_write_json, atomic_write_text, read_json
-from poise.options import SELECTION_METHODS, TEMPLATES
+from poise.options import TEMPLATES
 from poise.version import __version__
 
 #: The stages in the order they run (`--from` / `--until` take these names).
@@ -84,16 +84,8 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig, "evaluate": EvaluateConfig, "report": ReportConfig,
 }
 #: Settings of a stage that the pipeline fills in (or takes from the top level): not allowed in its section.
-MANAGED: dict[str, set[str]] = {
-    "warmup": {"model", "data", "out", "template", "max_seq_length", "device", "dtype", "overwrite"},
-    "features": {"data", "out", "checkpoint", "model", "kind", "task", "template", "max_seq_length", "device",
-                 "dtype", "overwrite"},
-    "attribute": {"train", "val", "out", "rds", "overwrite"},
-    "select": {"attribution", "scores", "columns", "rows", "method", "budget", "out", "pool", "label", "overwrite"},
-    "train": {"selection", "out", "pool", "model", "template", "max_seq_length", "device", "dtype", "overwrite"},
-    "evaluate": {"model", "out", "adapter", "data", "label", "template", "device", "dtype"},
-    "report": {"selections", "out", "attribution", "scores", "columns", "rows", "validation"},
-}
+#: Derived from each field's `pipeline` metadata (poise.config).
+MANAGED: dict[str, set[str]] = {name: pipeline_set(cls) for name, cls in SECTIONS.items()}
 #: Pipeline-only keys of a section: name -> (default, help).
 EXTRAS: dict[str, dict[str, tuple[Any, str]]] = {
     "features": {"checkpoints": (None, "warmup epochs whose checkpoints get features (default: all)")},
@@ -274,14 +266,21 @@ def _check_extra(section: str, key: str, value: Any, where: str) -> Any:
 
 def _split_method(entry: str, what: str) -> tuple[str, bool | None]:
     """`bids` -> (bids, None); `instance-max-norm` -> (instance-max, True); unknown names are an error."""
-    if entry in SELECTION_METHODS:
+    from poise.selection import METHODS
+
+    if entry in METHODS:
         return entry, None
     base, _, variant = entry.rpartition("-")
-    if base in SELECTION_METHODS and variant in VARIANTS and base not in ("random", "rds"):
+    if base in METHODS and variant in VARIANTS and METHODS[base].has_variants:
         return base, VARIANTS[variant]
-    names = [*SELECTION_METHODS, *(f"{m}-{v}" for m in SELECTION_METHODS if m not in ("random", "rds")
-                                   for v in VARIANTS)]
+    names = [*METHODS, *(f"{m}-{v}" for m, method in METHODS.items() if method.has_variants for v in VARIANTS)]
     raise PoiseError(f"{what}: unknown method {entry!r}{_closest(entry, names)}")
+
+
+def _method(entry: str) -> Any:
+    from poise.selection import METHODS
+
+    return METHODS[_split_method(entry, "select.methods")[0]]
 
 
 def check_config(config: RunConfig, where: str) -> None:
@@ -463,13 +462,7 @@ class Unit:
 
 
 def _fingerprint(unit: Unit, prints: dict[str, str], run: Path) -> str:
-    """The unit's settings and what it reads; paths inside the run directory count relative to it, so a
-    run directory that was moved or copied is still up to date."""
-    payload = json.dumps({"settings": unit.settings, "needs": [prints[n] for n in unit.needs]}, sort_keys=True,
-                         default=str)
-    for prefix in sorted({str(run.resolve()), str(run)}, key=len, reverse=True):
-        payload = payload.replace(json.dumps(prefix)[1:-1] + "/", "<run>/")
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+    return provenance.fingerprint(unit.settings, [prints[n] for n in unit.needs], run)
 
 
 def _selection_name(method: str, budget: str) -> str:
@@ -483,11 +476,11 @@ def _training_name(selection: str, seed: int, seeds: Sequence[int]) -> str:
 def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
     """Every unit of the run in order (data excluded: it runs before the inputs can be checked)."""
     from poise.attribution import compute_attribution
-    from poise.evaluate import SCORES_FILE, run_evaluate
+    from poise.evaluate import run_evaluate
     from poise.features.stage import run_features
-    from poise.selection import SELECTION_FILE
     from poise.selection.stage import run_select
-    from poise.train import SUMMARY_FILE, is_complete_checkpoint, run_train, run_warmup
+    from poise.train import run_train
+    from poise.warmup import run_warmup
 
     common = {"template": config.template, "max_seq_length": config.max_seq_length}
     units: list[Unit] = []
@@ -500,8 +493,7 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
     epochs = warm_config.epochs
     units.append(Unit("warmup", "warmup", {**_stable(warm_config), "pool": inputs.digests["pool"]}, [],
                       lambda: run_warmup(warm_config),
-                      lambda: all(is_complete_checkpoint(run / "warmup" / f"checkpoint-{k}")
-                                  for k in range(1, epochs + 1))))
+                      _complete(run / "warmup")))
 
     # features
     feat = config.section("features")
@@ -516,7 +508,7 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
                                         "checkpoint": str(checkpoint) if checkpoint else None, "model": config.model,
                                         "kind": kind, "device": config.device, "dtype": config.dtype}, name)
         return Unit("features", name, {**_stable(fc), "inputs": digest}, ["warmup"], lambda: run_features(fc),
-                    lambda: _features_complete(run / name))
+                    _complete(run / name))
 
     for k in sorted(chosen):
         checkpoint = run / "warmup" / f"checkpoint-{k}"
@@ -525,7 +517,7 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
             name = f"features/checkpoint-{k}/{split}"
             units.append(features_unit(name, kind, data, checkpoint, digest))
         train_pairs.append((f"features/checkpoint-{k}/train", f"features/checkpoint-{k}/val"))
-    if "rds" in methods:
+    if any(_method(m).requires_kind == "rds" for m in methods):  # representation features for it
         last = run / "warmup" / f"checkpoint-{max(chosen)}"
         for split, data, digest in (("train", [str(inputs.pool)], inputs.digests["pool"]),
                                     ("val", inputs.validation, inputs.digests["validation"])):
@@ -543,7 +535,7 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
                                          "rds": rds}, name)
         units.append(Unit("attribute", name, _stable(ac), [p for pair in pairs for p in pair],
                           _with_progress(compute_attribution, ac, "attribute", "rows"),
-                          lambda name=name: (run / name / "scores.npy").is_file()))
+                          _complete(run / name)))
         matrices["rds" if rds else "influence"] = name
 
     # selections (random: one per training seed when there are several, so that its draw varies too)
@@ -552,21 +544,22 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
     picks_of: dict[str, str] = {}  # selection name (or name + "@seed") -> unit
     for method in methods:
         base, normalize = _split_method(method, "select.methods")
-        matrix = matrices["rds" if base == "rds" else "influence"]
+        matrix = matrices[_method(method).requires_kind or "influence"]
+        seeded = not _method(method).uses_scores  # a draw: one per training seed when there are several
         draws = [(select["seed"] + k, f"-seed{seed}", f"@{seed}") for k, seed in enumerate(seeds)] \
-            if base == "random" and len(seeds) > 1 else [(select["seed"], "", "")]
+            if seeded and len(seeds) > 1 else [(select["seed"], "", "")]
         for budget in select["budgets"]:
             for draw_seed, suffix, key in draws:
                 name = f"selections/{_selection_name(method, budget)}{suffix}"
                 sc = from_dict(SelectConfig, {
-                    "seed": draw_seed if base == "random" else 0,  # only random draws: its seed alone reruns it
+                    "seed": draw_seed if seeded else 0,  # only a draw's seed changes its picks
                     "tasks": select["tasks"],
                     "normalize": normalize if normalize is not None else select["normalize"],
                     "attribution": str(run / matrix), "method": base, "budget": budget, "out": str(run / name),
                     "pool": str(inputs.pool), "label": method}, name)
                 units.append(Unit("select", name, {**_stable(sc), "pool": inputs.digests["pool"]}, [matrix],
                                   _with_progress(run_select, sc, f"select {method}", "steps"),
-                                  lambda name=name: (run / name / SELECTION_FILE).is_file()))
+                                  _complete(run / name)))
                 picks_of[_selection_name(method, budget) + key] = name
 
     # training
@@ -587,7 +580,7 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
                                          "dtype": config.dtype}, name)
             extra = {} if selection else {"pool": inputs.digests["pool"]}
             units.append(Unit("train", name, {**_stable(tc), **extra}, [selection] if selection else [],
-                              lambda tc=tc: run_train(tc), lambda name=name: (run / name / SUMMARY_FILE).is_file()))
+                              lambda tc=tc: run_train(tc), _complete(run / name)))
             trained[_training_name(label, seed, seeds)] = (name, selection)
 
     # evaluation
@@ -606,7 +599,7 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
                                             "dtype": config.dtype}, name)
             units.append(Unit("evaluate", name, {**_stable(ec), "evaluation": inputs.digests.get("evaluation")},
                               [unit] if unit else [], lambda ec=ec: run_evaluate(ec),
-                              lambda name=name: (run / name / SCORES_FILE).is_file()))
+                              _complete(run / name)))
             evaluations.append(name)
 
     # report
@@ -616,31 +609,23 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
                      "title": rep["title"] if rep["title"] != "poise selection report" else f"poise run: {run.name}",
                      "out": str(run / "report"), "attribution": str(run / matrices["influence"])}
     report_values["validation"] = inputs.validation
+    report_values["run"] = str(run)  # the header names the run's model, data and settings
     rc = from_dict(ReportConfig, report_values, "report")
     units.append(Unit("report", "report", {**_stable(rc), "validation": inputs.digests["validation"]},
                       selections + evaluations, lambda: _report(rc),
-                      lambda: (run / "report" / "report.html").is_file()))
+                      _complete(run / "report")))
     return units
 
 
 def _stable(config: Any) -> dict[str, Any]:
-    """A stage's settings as they enter a fingerprint (execution-only settings left out)."""
-    values = to_dict(config)
-    for key in ("overwrite", "max_batch_size", "max_tokens", "chunk_rows", "batch_size_eval"):
-        values.pop(key, None)
-    if isinstance(config, (WarmupConfig, TrainConfig)):
-        values["batch_size"] = config.batch_size  # the optimizer's batch matters; the micro-batch does not
-    return values
+    """A stage's settings as they enter a fingerprint: its result-affecting settings and paths (poise.provenance;
+    execution-only settings such as device or batch sizes for lm-eval are left out, so they rerun nothing)."""
+    return provenance.settings(config)
 
 
-def _features_complete(folder: Path) -> bool:
-    info = folder / "info.json"
-    if not info.is_file():
-        return False
-    try:
-        return bool(read_json(info).get("complete"))
-    except PoiseError:
-        return False
+def _complete(folder: Path) -> Callable[[], bool]:
+    """Whether the stage that owns `folder` marked it complete (poise.provenance)."""
+    return lambda: provenance.is_complete(folder)
 
 
 def _with_progress(function: Callable[..., Any], config: Any, description: str, unit: str) -> Callable[[], Any]:
@@ -748,6 +733,8 @@ def run(config: str | os.PathLike | RunConfig | dict, *, overrides: Sequence[str
             return RunResult(out, actions, time.perf_counter() - started)
     inputs = check_inputs(config, pool, validation, evaluation)  # type: ignore[arg-type]
     units = build_units(config, out, inputs)
+    state["inputs"] = {"pool": str(inputs.pool), "pool_rows": inputs.n_pool, "validation": str(validation),
+                       "tasks": inputs.tasks, "evaluation": str(evaluation) if evaluation else None}
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_FILE, f"# resolved by poise {__version__}\n" + config.to_yaml())
@@ -816,10 +803,6 @@ def _execute(units: list[Unit], prints: dict[str, str], state: dict[str, Any], o
         if not unit.done():
             if main or unit.stage in DISTRIBUTED_STAGES:
                 raise PoiseError(f"{folder}: the {unit.stage} stage finished but its outputs are incomplete")
-        if main and not (folder / "arguments.json").exists():  # the stages that keep theirs elsewhere
-            atomic_write_json(folder / "arguments.json", {"poise_version": __version__, "stage": unit.stage,
-                                                          "settings": unit.settings,
-                                                          "fingerprint": prints[unit.name]})
         state["units"][unit.name].update(complete=True, seconds=round(time.perf_counter() - started, 1))
         _write_state(out, state)
         actions[unit.name] = "resumed" if resumed else "ran"
@@ -841,7 +824,7 @@ def _demo_data(config: RunConfig, folder: Path) -> None:
 def summarize(result: RunResult, console: Any) -> None:
     """Print what a run shows: the selection comparison (per task: THI share and mean normalised
     influence), the downstream table (runs x capabilities + macro-average + worst) and the report path."""
-    from poise.attribution import load_attribution
+    from poise.matrix import load_attribution
     from poise.report import print_run_summary
     from poise.report.downstream import read_evaluation
     from poise.selection import read_selection

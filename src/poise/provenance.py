@@ -101,6 +101,8 @@ def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[
     - A non-empty folder without `arguments.json` (not made by poise) is refused unless `overwrite`; with it,
       the stage writes its files among the ones there.
     - The same settings resume: the folder is kept, and `complete` says whether the stage had finished it.
+    - A folder that holds nothing but an incomplete `arguments.json` (opened, then stopped by an input error)
+      counts as empty.
     Rank 0 writes `arguments.json` (not complete) before the stage does any work; every rank gets the answer.
     """
     validate(config)
@@ -113,6 +115,9 @@ def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[
     new = settings(config, extra)
     record = stored(folder)
     same = record is not None and record.get("settings") == new and record.get("stage") == stage
+    abandoned = record is not None and not same and not record.get("complete") and _holds_only_arguments(folder)
+    if abandoned:  # opened before, but no work done (an input error stopped it): nothing to keep
+        record = None
     if record is not None and not same and not overwrite:
         if record.get("stage") != stage:
             raise PoiseError(f"{folder}: was made by poise {record.get('stage')}, not {stage}; use another output "
@@ -120,7 +125,7 @@ def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[
         changed = "; ".join(differences(record.get("settings") or {}, new))
         raise PoiseError(f"{folder}: made by poise {stage} with other settings ({changed}); use another output "
                          "folder or overwrite")
-    if record is None and folder.is_dir() and any(folder.iterdir()) and not overwrite:
+    if record is None and not abandoned and folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise PoiseError(f"{folder}: not empty and not made by poise {stage} (no {ARGUMENTS_FILE}); use another "
                          "output folder or overwrite")
     resume = same and not overwrite
@@ -129,6 +134,8 @@ def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[
     if distributed.is_main() and not resume:
         if record is not None and folder.is_dir():  # made by poise: start over
             shutil.rmtree(folder)
+        elif folder.is_dir():
+            (folder / ARGUMENTS_FILE).unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / ARGUMENTS_FILE, {
             "stage": stage, "poise_version": __version__, "opened": _now(), "complete": False,
@@ -136,6 +143,10 @@ def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[
         })
     distributed.barrier()
     return Opened(folder, stage, new, resume, complete)
+
+
+def _holds_only_arguments(folder: Path) -> bool:
+    return all(item.name == ARGUMENTS_FILE or item.name.startswith(f".{ARGUMENTS_FILE}.") for item in folder.iterdir())
 
 
 def update(folder: str | Path, **info: Any) -> None:
@@ -166,7 +177,7 @@ def fingerprint(unit_settings: dict[str, Any], needs: Sequence[str], run: Path) 
     directory count relative to it, so a run directory that was moved or copied is still up to date."""
     payload = json.dumps({"settings": unit_settings, "needs": list(needs)}, sort_keys=True, default=str)
     for prefix in sorted({str(run.resolve()), str(run)}, key=len, reverse=True):
-        payload = payload.replace(json.dumps(prefix)[1:-1] + "/", "<run>/")
+        payload = payload.replace(json.dumps(prefix)[1:-1] + "/", "<run>/").replace(json.dumps(prefix), '"<run>"')
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from poise.attribution import AttributionMatrix
+from poise.matrix import AttributionMatrix
 
 #: (task, source data set of the pool that serves it, influence scale) - scales after the paper's Fig. 1.
 DEFAULT_TASKS: tuple[tuple[str, str, float], ...] = (

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from poise.checkpoint import ADAM_BETAS, ADAM_EPS
 from poise.errors import PoiseError
 from poise.options import AdamFormula
 
@@ -32,9 +33,9 @@ def adam_direction(
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
+    beta1: float = ADAM_BETAS[0],
+    beta2: float = ADAM_BETAS[1],
+    eps: float = ADAM_EPS,
     mode: AdamFormula | Literal["adam"] = "less",
     step: int | None = None,
 ) -> Tensor:

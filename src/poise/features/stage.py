@@ -20,46 +20,11 @@ from typing import Any
 import numpy as np
 
 from poise import distributed
-from poise.checkpoint import CHECKPOINT_FILE, MOMENTS_FILE
-from poise.config import FeaturesConfig, to_dict
+from poise.checkpoint import base_model, read_moments
+from poise.config import FeaturesConfig, validate
 from poise.errors import PoiseError
 from poise.features.store import FeatureStore
-from poise.version import __version__
-
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-
-
-def _base_model_of(checkpoint: Path) -> str:
-    if (checkpoint / CHECKPOINT_FILE).exists():
-        info = json.loads((checkpoint / CHECKPOINT_FILE).read_text())
-        if info.get("model"):
-            return str(info["model"])
-    config = checkpoint / "adapter_config.json"
-    if config.exists():
-        name = json.loads(config.read_text()).get("base_model_name_or_path")
-        if name:
-            return str(name)
-    raise PoiseError(f"{checkpoint}: cannot tell the base model; pass --model")
-
-
-def _load_moments(checkpoint: Path, names: list[str], device: str) -> tuple[dict, dict, dict]:
-    """exp_avg, exp_avg_sq by parameter name, and checkpoint.json (beta/eps/step)."""
-    from safetensors.torch import load_file
-
-    path = checkpoint / MOMENTS_FILE
-    if not path.exists():
-        raise PoiseError(
-            f"{checkpoint}: no {MOMENTS_FILE}; --kind adam needs the optimizer moments of a poise checkpoint "
-            "(poise warmup) or an imported HF-Trainer one (poise import-checkpoint); use --kind sgd for a plain adapter"
-        )
-    tensors = load_file(str(path), device=device)
-    missing = [n for n in names if f"{n}.exp_avg" not in tensors or f"{n}.exp_avg_sq" not in tensors]
-    if missing:
-        raise PoiseError(f"{path}: no moments for {len(missing)} LoRA parameter(s), e.g. {missing[0]}")
-    meta = json.loads((checkpoint / CHECKPOINT_FILE).read_text()) if (checkpoint / CHECKPOINT_FILE).exists() else {}
-    flat = {key: value.float().flatten() for key, value in tensors.items()}  # (n_p,) to match (b, n_p) gradients
-    return ({n: flat[f"{n}.exp_avg"] for n in names}, {n: flat[f"{n}.exp_avg_sq"] for n in names}, meta)
+from poise.provenance import open_folder
 
 
 def _ids_digest(ids: list[dict]) -> str:
@@ -76,18 +41,17 @@ def run_features(config: FeaturesConfig) -> Path:
     from poise.features.projection import make_projector
     from poise.model import load_adapter, load_model, load_tokenizer
 
-    if not config.data:
-        raise PoiseError("--data is required")
-    if not config.out:
-        raise PoiseError("--out is required")
+    validate(config)
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
     if checkpoint is None and config.kind != "reps":
         raise PoiseError(f"--kind {config.kind} needs --checkpoint (a poise checkpoint or a peft adapter folder)")
     if checkpoint is not None and not checkpoint.is_dir():
         raise PoiseError(f"checkpoint {str(checkpoint)!r} does not exist")
     if not config.model and checkpoint is None:
-        raise PoiseError("--model is required when there is no --checkpoint to name the base model")
-    model_name = config.model or _base_model_of(checkpoint)  # type: ignore[arg-type]
+        raise PoiseError("FeaturesConfig.model is required when there is no checkpoint to name the base model")
+    model_name = config.model or base_model(checkpoint)  # type: ignore[arg-type]
+    if not model_name:
+        raise PoiseError(f"{checkpoint}: cannot tell the base model; pass --model")
 
     distributed.init(config.device)
     device = distributed.device_for_rank(config.device)
@@ -97,6 +61,8 @@ def run_features(config: FeaturesConfig) -> Path:
         examples, tokenizer, config.max_seq_length, template=config.template, progress=distributed.is_main()
     )
     ids = [{"id": examples[i].id, "task": examples[i].task} for i in kept]
+    # before the model is loaded: a folder made with other settings (or other data) is refused here
+    opened = open_folder(config.out, "features", config, extra={"model": model_name, "ids": _ids_digest(ids)})
 
     model = load_model(model_name, dtype=config.dtype, device=device)
     if checkpoint is not None:
@@ -126,16 +92,14 @@ def run_features(config: FeaturesConfig) -> Path:
                                                                                       shapes.items()])
         if config.kind == "adam":
             settings["adam_formula"] = config.adam_formula
-            exp_avg, exp_avg_sq, meta = _load_moments(checkpoint, list(shapes), device)  # type: ignore[arg-type]
-            betas = tuple(meta.get("betas", ADAM_BETAS))
-            eps = float(meta.get("eps", ADAM_EPS))
-            step = meta.get("step")
+            moments = read_moments(checkpoint, list(shapes), device)  # type: ignore[arg-type]
+            exp_avg = {n: t.flatten() for n, t in moments.exp_avg.items()}  # (n_p,) to match (b, n_p) gradients
+            exp_avg_sq = {n: t.flatten() for n, t in moments.exp_avg_sq.items()}
+            betas, eps, step = moments.betas, moments.eps, moments.step
             if config.adam_formula == "textbook" and step is None:
                 raise PoiseError(f"{checkpoint}: checkpoint.json has no 'step', needed by --adam-formula textbook")
 
-    store = FeatureStore.open(config.out, settings, ids, dim, dtype=config.output_dtype, overwrite=config.overwrite)
-    store.info["poise_version"] = __version__
-    store.info["arguments"] = to_dict(config)
+    store = FeatureStore.open(opened.folder, settings, ids, dim, dtype=config.output_dtype, resume=opened.resumed)
 
     batches = token_budget_batches([len(t.input_ids) for t in tokenized], config.max_tokens, config.max_batch_size)
     done = store.done_batches()

@@ -22,16 +22,14 @@ import numpy as np
 
 from poise import distributed
 from poise.errors import PoiseError
+from poise.faults import maybe_kill
 from poise.io import atomic_write_json, atomic_write_lines, read_json
+from poise.provenance import mark_complete
 
 FEATURES_FILE = "features.npy"
 IDS_FILE = "ids.jsonl"
 INFO_FILE = "info.json"
 PROGRESS_DIR = "progress"
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 class FeatureStore:
@@ -45,28 +43,18 @@ class FeatureStore:
     @classmethod
     def open(
         cls, folder: str | os.PathLike, settings: dict[str, Any], ids: list[dict[str, Any]], dim: int,
-        dtype: str = "float32", overwrite: bool = False,
+        dtype: str = "float32", resume: bool = False,
     ) -> FeatureStore:
-        """Create the folder (rank 0) or reopen it for resuming; every rank returns a writable store.
-
-        `settings` must be identical to the ones the folder was made with, else PoiseError.
-        """
+        """Create the store in `folder` (rank 0) or, with `resume`, reopen the one there; every rank returns a
+        writable store. The folder has been opened by poise.provenance, which refuses other settings; `settings`
+        is what the features are (kind, model, checkpoint, projection ...), kept in info.json for attribution."""
         folder = Path(folder)
         info = {"settings": settings, "n_rows": len(ids), "dim": dim, "dtype": dtype}
         if distributed.is_main():
             existing = folder / INFO_FILE
-            if existing.exists() and not overwrite:
-                old = read_json(existing)
-                if old.get("settings") != settings or old.get("dim") != dim or old.get("dtype") != dtype:
-                    differing = _differences(old.get("settings", {}), settings) or ["dim/dtype"]
-                    raise PoiseError(
-                        f"{folder}: holds features made with other settings ({', '.join(differing)}); "
-                        "use another --out or pass --overwrite"
-                    )
-            else:
-                if overwrite and (folder / PROGRESS_DIR).exists():
-                    for log in (folder / PROGRESS_DIR).glob("*.log"):
-                        log.unlink()
+            if not (resume and existing.exists() and (folder / FEATURES_FILE).exists()):
+                for log in (folder / PROGRESS_DIR).glob("*.log"):
+                    log.unlink()
                 folder.mkdir(parents=True, exist_ok=True)
                 tmp = folder / f".{FEATURES_FILE}.tmp"
                 np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(len(ids), dim)).flush()
@@ -94,7 +82,7 @@ class FeatureStore:
         """Write rows, flush them to disk, then record the batch as done."""
         self.features[rows] = values.astype(self.features.dtype, copy=False)
         self.features.flush()
-        _fault_point()
+        maybe_kill("writes")  # tests: POISE_KILL_AT=writes:n dies here, the n-th batch flushed but not logged
         if self._log is None:
             self._log = open(self.folder / PROGRESS_DIR / f"rank-{distributed.rank()}.log", "a")  # noqa: SIM115
         self._log.write(f"{batch_id}\n")
@@ -110,25 +98,9 @@ class FeatureStore:
         complete = len(self.done_batches()) == n_batches
         if complete and distributed.is_main():
             atomic_write_json(self.folder / INFO_FILE, {**self.info, "complete": True})
+            mark_complete(self.folder, rows=int(self.features.shape[0]), dim=int(self.features.shape[1]))
         distributed.barrier()
         return complete
-
-
-_WRITES = 0
-
-
-def _fault_point() -> None:
-    """Test hook: with POISE_KILL_AFTER_WRITES=n the process SIGKILLs itself after the n-th batch's rows
-    are flushed but before the batch is recorded as done (the worst moment to die)."""
-    global _WRITES
-    limit = os.environ.get("POISE_KILL_AFTER_WRITES")
-    if limit is None:
-        return
-    _WRITES += 1
-    if _WRITES >= int(limit):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def read_features(folder: str | os.PathLike) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:

@@ -21,9 +21,9 @@ from typing import Any
 
 from poise.errors import PoiseError
 from poise.evaluate import LOWER_IS_BETTER
+from poise.files import EVAL_SCORES_FILE as SCORES_FILE
 from poise.io import read_json
 
-SCORES_FILE = "scores.json"
 #: Besides the chosen metric, a table is shown for each of these that the evaluations report (poise's
 #: local tasks score the gold answer's NLL and a greedy generation's exact match).
 PAIRED_METRICS = ("nll", "exact_match")
@@ -70,6 +70,11 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def macro_and_worst(values: Sequence[float], higher_is_better: bool) -> tuple[float, float]:
+    """The mean over tasks and the worst task's value (the lowest when higher is better, else the highest)."""
+    return sum(values) / len(values), (min(values) if higher_is_better else max(values))
+
+
 def downstream_table(evaluations: Sequence[dict[str, Any]], metric: str = "nll",
                      labels: Sequence[str] | None = None) -> DownstreamTable:
     """The comparison table of several `scores.json` contents (tasks in order of first appearance)."""
@@ -92,8 +97,7 @@ def downstream_table(evaluations: Sequence[dict[str, Any]], metric: str = "nll",
         errors = [_number(c.get("stderr")) for c in cells]
         present = [v for v in row if v is not None]
         complete = len(present) == len(row) and summary_direction is not None
-        macro = sum(present) / len(present) if complete else None
-        worst = (min(present) if summary_direction else max(present)) if complete else None
+        macro, worst = macro_and_worst(present, bool(summary_direction)) if complete else (None, None)
         macro_se = worst_se = None
         if complete:
             if all(s is not None for s in errors):
@@ -299,6 +303,11 @@ def _worst_where(table: DownstreamTable, runs: Sequence[int], tasks: Sequence[st
     return ": " + ", ".join(f"{table.runs[i]} on {task}" for i, task in zip(runs, where, strict=True))
 
 
+def worst_task(table: DownstreamTable, run: int) -> str:
+    """The task of the run's worst-capability value ("?" when it has none)."""
+    return _worst_task(table, run, table.tasks or [c.rsplit(" (", 1)[0] for c in table.columns[:-2]])
+
+
 def _worst_task(table: DownstreamTable, i: int, tasks: Sequence[str]) -> str:
     """The task of run i's worst-capability value."""
     n = len(tasks)
@@ -405,10 +414,12 @@ def downstream_section(tables: DownstreamTable | Sequence[DownstreamTable]) -> s
     return "".join(parts)
 
 
-def downstream_page(title: str, tables: DownstreamTable | Sequence[DownstreamTable]) -> str:
-    """A whole HTML page holding only the downstream tables (a report on evaluations alone)."""
-    from poise.report.html import _CSS, esc
+def downstream_page(title: str, tables: DownstreamTable | Sequence[DownstreamTable],
+                    facts: Sequence[tuple[str, str]] = ()) -> str:
+    """A whole HTML page holding only the downstream tables (a report on evaluations alone), under the
+    header `facts` (what was run, `poise.report.rundir.run_facts`) when given."""
+    from poise.report.html import _CSS, esc, facts_table
 
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{_CSS}</style></head><body><main><h1>{esc(title)}</h1>"
+            f"<style>{_CSS}</style></head><body><main><h1>{esc(title)}</h1>{facts_table(facts)}"
             f"{downstream_section(tables)}</main></body></html>")

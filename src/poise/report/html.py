@@ -3,9 +3,9 @@
 By default the figures are embedded as base64 PNG data URIs, so the page is a single self-contained
 file that opens anywhere; with `embed_images=False` it links the PNG files written beside it instead.
 `render_page` only formats what it is given - the numbers are computed by `poise.analysis`, the
-figures drawn by `poise.report.plots` and the first-picks rows read by `poise.report`. Every string
-that comes from the user or the data (title, labels, task names, methods, sources, ids, example text)
-is HTML-escaped here; colours are checked to be hex codes before they go into a style attribute.
+figures drawn by `poise.report.plots` and the first-picks rows read by `poise.report.previews`. Every
+string that comes from the user or the data (title, labels, task names, methods, sources, ids, example
+text) is HTML-escaped here; colours are checked to be hex codes before they go into a style attribute.
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ table.picks td.text.served { background: #f3f6fb; max-width: 30em; }
 p.finding { font-size: 1.05rem; background: #fff; border-left: 4px solid #3b6fb6; padding: 8px 12px;
             margin: 8px 0; max-width: 70em; }
 section.downstream h3 { margin-top: 14px; }
+table.facts { margin: 4px 0 12px; font-size: 0.9rem; }
+table.facts th, table.facts td { text-align: left; padding: 2px 10px; }
 """
 
 
@@ -244,6 +246,14 @@ def _picks_table(table: PickTable) -> str:
     )
 
 
+def facts_table(facts: Sequence[tuple[str, str]]) -> str:
+    """The header's table of what was run: one (label, value) per row; empty without facts."""
+    if not facts:
+        return ""
+    rows = "".join(f"<tr><th>{esc(label)}</th><td>{esc(value)}</td></tr>" for label, value in facts)
+    return f'<table class="facts"><tbody>{rows}</tbody></table>'
+
+
 def format_ratio(value: float) -> str:
     if math.isinf(value):
         return "∞"
@@ -291,11 +301,14 @@ def render_page(
     colors: Sequence[str | None] | None = None,
     picks: Sequence[PickTable] = (),
     downstream: str = "",
+    facts: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The whole page as a string, top to bottom: the downstream results (`downstream`, HTML made by
-    `poise.report.downstream.downstream_section`; empty without evaluations), the selections and their
-    per-task summary, the figures (`sections`) and the first-picks tables (`picks`). `summary` rows come
-    from `poise.report.summary_rows`; `colors` are the selections' colours (#rrggbb, in `names` order)."""
+    """The whole page as a string, top to bottom: what was run (`facts`, `poise.report.rundir.run_facts`;
+    none without a run directory), the `meta` line (what the matrix and selections say), the downstream
+    results (`downstream`, HTML made by `poise.report.downstream.downstream_section`; empty without
+    evaluations), the selections and their per-task summary, the figures (`sections`) and the first-picks
+    tables (`picks`). `summary` rows come from `poise.report.comparison.summary_rows`; `colors` are the
+    selections' colours (#rrggbb, in `names` order)."""
     meta_html = " · ".join(f"{esc(k)}: {esc(v)}" for k, v in meta)
     parts = [
         "<!DOCTYPE html>",
@@ -303,6 +316,7 @@ def render_page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body><main>",
         f"<h1>{esc(title)}</h1>",
+        facts_table(facts),
         f'<p class="meta">{meta_html}</p>',
         downstream,
         "<h2>Selections</h2>",

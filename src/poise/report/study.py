@@ -22,8 +22,10 @@ from typing import Any
 
 from poise.analysis import jaccard
 from poise.errors import PoiseError
-from poise.evaluate import LOWER_IS_BETTER, SCORES_FILE
+from poise.evaluate import LOWER_IS_BETTER
+from poise.files import EVAL_SCORES_FILE as SCORES_FILE
 from poise.io import read_json
+from poise.report.downstream import macro_and_worst
 
 #: Two-sided 95% quantiles of Student's t, by degrees of freedom (beyond 30: the normal 1.96).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -81,9 +83,8 @@ def collect(run_dir: str | Path, metrics: Sequence[str] = ("nll", "exact_match")
             values = {task: (m.get(metric) or {}).get("value") for task, m in data["scores"].items()}
             if any(v is None for v in values.values()) or not values:
                 continue
-            lower = metric in LOWER_IS_BETTER
-            row[metric] = {"tasks": values, "macro": sum(values.values()) / len(values),
-                           "worst": max(values.values()) if lower else min(values.values())}
+            macro, worst = macro_and_worst(list(values.values()), metric not in LOWER_IS_BETTER)
+            row[metric] = {"tasks": values, "macro": macro, "worst": worst}
         rows.append(row)
     if not rows:
         raise PoiseError(f"{run_dir}: no evaluations (evaluation/*/{SCORES_FILE})")

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from poise.attribution import AttributionMatrix
 from poise.errors import PoiseError, warn
 from poise.io import atomic_write_json, atomic_write_lines, read_json
+from poise.matrix import AttributionMatrix
 from poise.selection import bids as _bids  # noqa: F401  (registers "bids")
 from poise.selection import rules as _rules  # noqa: F401  (registers the top-B rules)
 from poise.selection.registry import METHODS, Context, Picks, get_method, parse_budget

@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from poise.attribution import CHUNK_ROWS, AttributionMatrix
+from poise.matrix import CHUNK_ROWS, AttributionMatrix
 from poise.selection.registry import Context, Picks, register
 
 #: Rows sampled to place the per-column thresholds.

@@ -1,7 +1,11 @@
 """The registry of selection methods and the common result type.
 
-A method is one function `(matrix, budget, context) -> Picks` plus one `@register(...)` line. The
-registry also knows whether a method normalises the matrix by default and which matrix kind it needs.
+A method is one function `(matrix, budget, context) -> Picks` plus one `@register(...)` line (and its name in
+`poise.options.SelectionMethod`, which a test keeps equal to the registry). The registry also says what the
+method needs, so that nothing outside `selection/` special-cases a method by name: whether it normalises the
+matrix by default, which matrix kind it needs (the pipeline builds representations for "rds"), and whether
+it reads the scores at all (a method that does not, such as random, has no normalised/raw variants and draws
+anew with each seed).
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ from decimal import Decimal, InvalidOperation
 
 import numpy as np
 
-from poise.attribution import AttributionMatrix
 from poise.errors import PoiseError
+from poise.matrix import AttributionMatrix
 
 
 @dataclass
@@ -46,16 +50,24 @@ class Method:
     normalize_default: bool
     requires_kind: str | None
     description: str
+    uses_scores: bool = True
+
+    @property
+    def has_variants(self) -> bool:
+        """Whether `<name>-norm` / `<name>-raw` (normalisation forced on or off) mean something for it."""
+        return self.uses_scores and self.requires_kind is None
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(
-    name: str, *, normalize_default: bool = False, requires_kind: str | None = None, description: str = ""
+    name: str, *, normalize_default: bool = False, requires_kind: str | None = None, description: str = "",
+    uses_scores: bool = True,
 ) -> Callable[[MethodFn], MethodFn]:
     def decorate(fn: MethodFn) -> MethodFn:
-        METHODS[name] = Method(name, fn, normalize_default, requires_kind, description or (fn.__doc__ or ""))
+        METHODS[name] = Method(name, fn, normalize_default, requires_kind, description or (fn.__doc__ or ""),
+                               uses_scores)
         return fn
 
     return decorate

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from poise.attribution import AttributionMatrix
 from poise.errors import warn
+from poise.matrix import AttributionMatrix
 from poise.selection.registry import Context, Picks, register
 
 
@@ -79,7 +79,7 @@ def select_rds(matrix: AttributionMatrix, budget: int, ctx: Context) -> Picks:
     return _score_and_take(matrix, budget, ctx, "instance-max")
 
 
-@register("random", description="B rows uniformly at random without replacement (seeded)")
+@register("random", uses_scores=False, description="B rows uniformly at random without replacement (seeded)")
 def select_random(matrix: AttributionMatrix, budget: int, ctx: Context) -> Picks:
     rng = np.random.default_rng(ctx.seed)
     rows = rng.choice(matrix.n_rows, size=budget, replace=False).astype(np.int64)

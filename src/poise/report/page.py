@@ -1,0 +1,233 @@
+"""The `poise report` stage: `report.html` and its figures for selections and the runs evaluated on them.
+
+`build_report` draws every figure once for all selections (AID and THI side by side and as one panel per
+selection, coverage, the z-score fit, and for two or more selections their overlap) and writes the page, which
+reads top to bottom: what was run (with a run directory), the downstream results, the selections' settings and
+per-task summary, the figures, and each selection's first picks. `run_report` is the stage: it reads the
+folders, opens the output folder through `poise.provenance` and marks it complete once the page is written.
+matplotlib is imported when a report is built.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from poise import provenance
+from poise.analysis import aid_by_task, coverage, overlap, profile
+from poise.errors import PoiseError
+from poise.files import REPORT_FILE
+from poise.io import atomic_write_bytes, atomic_write_text
+from poise.matrix import AttributionMatrix, load_matrix
+from poise.report.comparison import check_selections, display_names, rows_from, with_recorded_matrix
+from poise.report.downstream import (
+    downstream_page,
+    downstream_section,
+    downstream_tables,
+    is_evaluation,
+    read_evaluation,
+)
+from poise.report.previews import PICKS_SHOWN, ValidationTexts, first_picks, read_validation
+from poise.report.rundir import read_run, run_facts
+from poise.report.tables import print_run_summary
+from poise.selection import Selection, read_selection
+from poise.version import __version__
+
+if TYPE_CHECKING:
+    from poise.config import ReportConfig
+
+ZSCORE_CAPTION = (
+    "BIDS normalises every validation column to z = (a - mean) / std before comparing tasks (BIDS paper, "
+    "Appendix A.4). Each panel plots, for up to five columns of a task, the sorted normalised influences "
+    "against the quantiles of a standard normal: points on the dashed diagonal mean the column is close to "
+    "normal, a bent line a skewed or heavy-tailed column (the title gives the pooled skewness and excess "
+    "kurtosis, both 0 for a normal). The z-score puts columns on one scale either way; it maps equal "
+    "quantiles to equal values only when the shapes agree.")
+
+
+def _selection_row(name: str, selection: Selection) -> list[str]:
+    picks = len(selection.indices)
+    tasks = selection.arguments.get("tasks")
+    return [
+        name,
+        selection.method,
+        str(selection.budget),
+        f"{picks:,}",
+        f"{selection.n_pool:,}",
+        f"{100 * picks / max(1, selection.n_pool):.1f}%",
+        "yes" if selection.normalize else "no",
+        str(selection.arguments.get("seed", "")),
+        ", ".join(map(str, tasks)) if tasks else "all",
+    ]
+
+
+def _as_list(values: Iterable[Any] | None, n: int) -> list[Any]:
+    out = list(values) if values is not None else [None] * n
+    if len(out) != n:
+        raise PoiseError(f"expected {n} selection folders, got {len(out)}")
+    return out
+
+
+def build_report(
+    matrix: AttributionMatrix,
+    selections: list[Selection],
+    out_dir: str | os.PathLike,
+    title: str = "poise selection report",
+    embed_images: bool = True,
+    folders: Sequence[str | os.PathLike | None] | None = None,
+    downstream: str = "",
+    validation: ValidationTexts | None = None,
+    facts: Sequence[tuple[str, str]] = (),
+) -> Path:
+    """Write the figures and `report.html` for `selections` of `matrix` into `out_dir`; return the page.
+
+    The PNGs are always written. With `embed_images` (the default) the page carries them as base64
+    data URIs, so `report.html` is one file to share; without, it refers to them by name. `folders`
+    are the selections' folders, read for a preview of the first picks' text (selected.jsonl); by
+    default the folder each selection records. `downstream` is HTML put at the top of the page (the
+    downstream results, `poise.report.downstream.downstream_section`). With `validation`
+    (`read_validation`), the first-picks tables show the text of the validation example each pick
+    served. `facts` head the page: what was run (`poise.report.rundir.run_facts`). Files are written
+    atomically. Files of an earlier report in `out_dir` that this one does not produce are left in place.
+    """
+    from matplotlib.colors import to_hex
+
+    from poise.report import plots
+    from poise.report.html import (
+        AID_CAPTION,
+        COVERAGE_CAPTION,
+        OVERLAP_CAPTION,
+        THI_CAPTION,
+        Image,
+        PickTable,
+        Section,
+        render_page,
+    )
+
+    check_selections(matrix, selections)
+    folder_list = _as_list(folders, len(selections))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = display_names(selections)
+    colors = plots.method_colors(names)
+    hex_colors = [to_hex(colors[name]) for name in names]
+
+    aids, thi_task, thi_instance, coverages, summaries = [], [], [], [], []
+    for selection in selections:  # two passes over each selection's rows: profile, then coverage
+        prof = profile(matrix, selection.indices, normalized=True)
+        aids.append(aid_by_task(matrix, prof.aid))
+        thi_task.append(prof.thi_task)
+        thi_instance.append(prof.thi_instance)
+        summaries.append(prof.summary(matrix))
+        coverages.append(coverage(matrix, selection.indices, normalized=True))
+
+    def image(filename: str, png: bytes, alt: str, caption: str = "") -> Image:
+        atomic_write_bytes(out / filename, png)
+        return Image(filename=filename, png=png, alt=alt, caption=caption)
+
+    several = len(selections) >= 2
+    aid_images = [image("aid_selections.png", plots.aid_panels(names, aids, colors=colors),
+                        "normalised AID per task, one panel per selection",
+                        "One panel per selection, same task order and y axis: the box is the spread of "
+                        "the task's validation examples, each dot one example.")]
+    thi_images = [image("thi_selections.png", plots.thi_panels(names, thi_task, thi_instance, colors=colors),
+                        "THI counts per task, one panel per selection",
+                        "One panel per selection, shared axes: picks whose top validation example "
+                        "(solid) or top task mean (hatched) is in the task.")]
+    if several:
+        aid_images.insert(0, image("aid_comparison.png", plots.aid_comparison_plot(names, aids, colors=colors),
+                                   "normalised AID per task for every selection",
+                                   "Normalised AID per task, all selections side by side."))
+        thi_images.insert(0, image("thi_comparison.png",
+                                   plots.thi_comparison_plot(names, thi_task, thi_instance, colors=colors),
+                                   "THI share per task for every selection",
+                                   "Share of picks per task, instance-wise (top) and task-wise (bottom)."))
+    sections = [
+        Section("Average Influence Distribution (AID)", AID_CAPTION, aid_images),
+        Section("Task frequency with Highest Influence (THI)", THI_CAPTION, thi_images),
+        Section("Coverage as the selection grows", COVERAGE_CAPTION,
+                [image("coverage.png", plots.coverage_plot(names, coverages, colors=colors),
+                       "instance-wise THI share of each task against the number of picks, per selection")]),
+    ]
+    zscores = plots.zscore_fit_figure(matrix.scores, matrix.tasks)
+    sections.append(Section("Does the z-score fit the influence columns?", ZSCORE_CAPTION,
+                            [image("zscore_fit.png", zscores, "Q-Q plots of normalised validation columns against "
+                                   "the standard normal, one panel per task")]))
+    if several:
+        sections.append(
+            Section("Overlap between selections", OVERLAP_CAPTION,
+                    [image("overlap.png", plots.overlap_plot(names, overlap([s.indices for s in selections])),
+                           "Jaccard similarity between the selections")])
+        )
+    picks = [
+        PickTable(name=name, color=color, total=len(selection.indices),
+                  rows=first_picks(selection, PICKS_SHOWN, folder, validation=validation),
+                  score_label="gain" if selection.method == "bids" else "score",
+                  served=validation is not None)
+        for name, color, selection, folder in zip(names, hex_colors, selections, folder_list, strict=True)
+    ]
+
+    meta = [
+        ("matrix", matrix.source or "in memory"),
+        ("shape", f"{matrix.n_rows:,} pool rows × {matrix.n_columns:,} validation examples"),
+        ("kind", matrix.kind or "unknown"),
+        ("tasks", f"{len(matrix.task_names)}"),
+        *([] if facts else [("poise", __version__)]),  # the facts name the version
+        ("figures", "embedded in this page" if embed_images else "PNG files beside this page"),
+    ]
+    header = ["selection", "method", "budget", "picks", "pool", "of pool", "normalised", "seed", "tasks"]
+    page = render_page(
+        title=title,
+        meta=meta,
+        selection_header=header,
+        selection_rows=[_selection_row(n, sel) for n, sel in zip(names, selections, strict=True)],
+        names=names,
+        summary=rows_from(matrix.task_names, summaries),
+        sections=sections,
+        embed_images=embed_images,
+        colors=hex_colors,
+        picks=picks,
+        downstream=downstream,
+        facts=facts,
+    )
+    path = out / REPORT_FILE
+    atomic_write_text(path, page)
+    return path
+
+
+def run_report(config: ReportConfig, console: Any = None) -> Path:
+    """The `poise report` stage: read the selection and evaluation folders (the validation files, for the
+    served examples' text; the run directory, for the header), open the output folder (`provenance.open_folder`:
+    a folder made with other settings is refused unless `overwrite`; the same settings write the report
+    again), load the matrix, build the report, mark the folder complete, and print the summary tables to
+    `console` when one is given."""
+    if not config.out:
+        raise PoiseError("--out DIR is required")
+    if not config.selections:
+        raise PoiseError("name at least one selection folder (poise select) or evaluation folder (poise evaluate)")
+    facts = run_facts(read_run(config.run)) if config.run else []
+    evaluations = [read_evaluation(p) for p in config.selections if is_evaluation(p)]
+    tables = downstream_tables(evaluations, metric=config.metric) if evaluations else []
+    folders = [p for p in config.selections if not is_evaluation(p)]
+    validation = read_validation(config.validation) if config.validation and folders else None
+    selections = [read_selection(path) for path in folders]
+    out = provenance.open_folder(config.out, "report", config).folder
+    if not selections:  # evaluations only: the page is the table
+        path = out / REPORT_FILE
+        atomic_write_text(path, downstream_page(config.title, tables, facts))
+        provenance.mark_complete(out)
+        if console is not None:
+            print_run_summary(None, [], evaluations, metric=config.metric, console=console)
+        return path
+    source = config if config.attribution or config.scores else with_recorded_matrix(selections[0], config)
+    matrix = load_matrix(source)
+    path = build_report(matrix, selections, out, title=config.title, embed_images=config.embed_images,
+                        folders=folders, downstream=downstream_section(tables) if tables else "",
+                        validation=validation, facts=facts)
+    provenance.mark_complete(out)
+    if console is not None:
+        print_run_summary(matrix, selections, evaluations, metric=config.metric, console=console)
+    return path
+
