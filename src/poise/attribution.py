@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from poise.checkpoint import lr_mean
 from poise.config import validate
 from poise.errors import PoiseError, warn
 from poise.files import ATTRIBUTION_INFO_FILE as INFO_FILE
 from poise.files import COLUMNS_FILE, ROWS_FILE, SCORES_FILE
-from poise.io import atomic_write_json, atomic_write_lines, read_json
+from poise.io import atomic_write_json, atomic_write_lines
 from poise.progress import note
 from poise.provenance import mark_complete, open_folder
 
@@ -26,13 +27,7 @@ from poise.provenance import mark_complete, open_folder
 # ------------------------------------------------------------------------------- features -> A
 def _checkpoint_lr(info: dict) -> float | None:
     checkpoint = (info.get("settings") or {}).get("checkpoint")
-    if not checkpoint:
-        return None
-    path = Path(checkpoint) / "checkpoint.json"
-    if not path.exists():
-        return None
-    value = read_json(path).get("lr_mean")
-    return float(value) if value is not None else None
+    return lr_mean(checkpoint) if checkpoint else None
 
 
 def _check_lr_weights(lrs: list[float], checkpoints: list[str]) -> None:

@@ -50,11 +50,16 @@ ROLES = ("result", "path", "execution", "output")
 
 
 def _f(default: Any, help: str, role: str = "result", **meta: Any) -> Any:
+    """A config field: its default, help text, role (see the module docstring) and checks (`required`, `choices`,
+    `low`, `high`, `low_open`)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, "role": role, **meta})
     return field(default=default, metadata={"help": help, "role": role, **meta})
+
+
+setting = _f  # the public name, for config classes outside this module (the pipeline's own sections)
 
 
 def field_role(f: dataclasses.Field) -> str:
@@ -245,10 +250,19 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise PoiseError(f"{where}: expected a mapping, got {value!r}")
         return value
     if origin is list:
+        item = (typing.get_args(kind) or (str,))[0]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is int:
+            value = [value]  # one number for a list of them
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
         if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
             raise PoiseError(f"{where}: expected a list, got {value!r}")
+        if item is int:
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise PoiseError(f"{where}: expected a list of whole numbers, got {value!r}")
+            return list(value)
         return [str(v) for v in value]
     if kind is bool:
         if not isinstance(value, bool):

@@ -8,23 +8,28 @@ ranks only share the output file and meet at barriers.
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
+from typing import Any
+
+
+def _group() -> Any:
+    """torch.distributed when a process group is up, else None. Without torch imported there can be none, so
+    the layers that never load torch (selection, report) do not import it for this."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
 
 
 def world_size() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    dist = _group()
+    return dist.get_world_size() if dist is not None else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    dist = _group()
+    return dist.get_rank() if dist is not None else int(os.environ.get("RANK", "0"))
 
 
 def local_rank() -> int:
@@ -58,14 +63,12 @@ def device_for_rank(device: str) -> str:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = _group()
+    if dist is not None:
         dist.barrier()
 
 
 def shutdown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = _group()
+    if dist is not None:
         dist.destroy_process_group()

@@ -93,7 +93,8 @@ class Opened:
 
 
 def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[str, Any] | None = None,
-                overwrite: bool | None = None, info: dict[str, Any] | None = None) -> Opened:
+                overwrite: bool | None = None, info: dict[str, Any] | None = None, collective: bool = False,
+                ) -> Opened:
     """Check `config` (required fields, choices, ranges) and open its output folder `out` for `stage`.
 
     - A folder made (by any stage) with other settings is refused, naming every differing key with both of its
@@ -103,7 +104,9 @@ def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[
     - The same settings resume: the folder is kept, and `complete` says whether the stage had finished it.
     - A folder that holds nothing but an incomplete `arguments.json` (opened, then stopped by an input error)
       counts as empty.
-    Rank 0 writes `arguments.json` (not complete) before the stage does any work; every rank gets the answer.
+    Rank 0 writes `arguments.json` (not complete) before the stage does any work. `collective`: every rank of a
+    torchrun group calls this (warmup, features, train), so they meet at barriers around rank 0's changes; the
+    stages that run on rank 0 alone (attribute, select, evaluate, report) leave it False.
     """
     validate(config)
     if out is None or str(out) == "":
@@ -130,7 +133,8 @@ def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[
                          "output folder or overwrite")
     resume = same and not overwrite
     complete = resume and bool(record and record.get("complete"))
-    distributed.barrier()  # every rank has read the folder before rank 0 changes it
+    if collective:
+        distributed.barrier()  # every rank has read the folder before rank 0 changes it
     if distributed.is_main() and not resume:
         if record is not None and folder.is_dir():  # made by poise: start over
             shutil.rmtree(folder)
@@ -141,7 +145,8 @@ def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[
             "stage": stage, "poise_version": __version__, "opened": _now(), "complete": False,
             "settings": new, "arguments": to_dict(config), "info": dict(info or {}),
         })
-    distributed.barrier()
+    if collective:
+        distributed.barrier()
     return Opened(folder, stage, new, resume, complete)
 
 

@@ -28,13 +28,19 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging as hf_logging
 
 from poise import distributed, provenance
 from poise.config import LoraTrainingConfig, TrainConfig, validate
+from poise.data import collate, read_examples, tokenize_examples
 from poise.errors import PoiseError
 from poise.faults import maybe_kill
 from poise.files import SELECTED_FILE, SELECTION_FILE, TRAIN_LOG_FILE, TRAIN_SUMMARY_FILE
 from poise.io import atomic_write_json, atomic_write_lines, read_json
+from poise.losses import model_losses
+from poise.progress import note, track
 
 STAGE = "train"
 TRAIN_SOURCE = "poise train"
@@ -168,8 +174,6 @@ class LoraTrainer(Trainer):
         return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from poise.losses import model_losses
-
         losses, output = model_losses(model, inputs)  # (b,); logits at target positions only
         # sum_i loss_i / (examples in the step); times the processes, whose gradients DDP averages
         loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch
@@ -234,13 +238,7 @@ def train_lora(config: LoraTrainingConfig, tokenizer: Any, tokenized: Sequence[A
     the same command resumes there; it is removed when training completes. `metrics`, when given, receives
     the Trainer's own (train_runtime, train_samples_per_second, ...).
     """
-    from transformers.trainer_callback import PrinterCallback
-    from transformers.trainer_utils import get_last_checkpoint
-    from transformers.utils import logging as hf_logging
-
-    from poise.data import collate
-    from poise.model import attach_lora, load_model
-    from poise.progress import note, track
+    from poise.model import attach_lora, load_model  # here: the tests replace it to see when it is called
 
     micro, accumulation = micro_batching(config.batch_size, distributed.world_size(), config.max_batch_size)
     steps_per_epoch, total_steps, n_warmup = schedule(len(tokenized), config)
@@ -304,8 +302,6 @@ def train_lora(config: LoraTrainingConfig, tokenizer: Any, tokenized: Sequence[A
 # --------------------------------------------------------------------------------- train on a selection
 def selection_examples(selection: str, pool: str | None) -> list[Any]:
     """The examples a selection names: its `selected.jsonl`, or its picks taken from `pool`; or a data file."""
-    from poise.data import read_examples
-
     path = Path(selection)
     if not path.is_dir():
         return read_examples(selection)
@@ -333,16 +329,14 @@ def run_train(config: TrainConfig) -> Path:
     Resumes a killed run from the Trainer's last epoch checkpoint; refuses a folder trained with other
     settings unless `overwrite` (which starts over); a complete folder with the same settings is reused.
     """
-    from poise.data import tokenize_examples
     from poise.model import load_tokenizer
-    from poise.progress import note
 
     check_settings(config)
     examples = selection_examples(str(config.selection), config.pool)  # before any model is loaded
     if not examples:
         raise PoiseError(f"{config.selection}: no examples")
     distributed.init(config.device)
-    opened = provenance.open_folder(config.out, STAGE, config)
+    opened = provenance.open_folder(config.out, STAGE, config, collective=True)
     out = opened.folder
     main = distributed.is_main()
     if opened.complete:

@@ -85,7 +85,7 @@ def run_warmup(config: WarmupConfig) -> list[Path]:
     count = warmup_count(len(examples), config)
 
     distributed.init(config.device)
-    opened = provenance.open_folder(config.out, STAGE, config)
+    opened = provenance.open_folder(config.out, STAGE, config, collective=True)
     out = opened.folder
     checkpoints = checkpoint_folders(out, config.epochs)
     if opened.resumed and completed_epochs(out, config.epochs) == config.epochs:

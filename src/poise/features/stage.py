@@ -62,7 +62,8 @@ def run_features(config: FeaturesConfig) -> Path:
     )
     ids = [{"id": examples[i].id, "task": examples[i].task} for i in kept]
     # before the model is loaded: a folder made with other settings (or other data) is refused here
-    opened = open_folder(config.out, "features", config, extra={"model": model_name, "ids": _ids_digest(ids)})
+    opened = open_folder(config.out, "features", config, extra={"model": model_name, "ids": _ids_digest(ids)},
+                         collective=True)
 
     model = load_model(model_name, dtype=config.dtype, device=device)
     if checkpoint is not None:
