@@ -30,7 +30,7 @@ from poise.config import TrainConfig
 from poise.data import collate, read_examples, tokenize_examples
 from poise.losses import per_example_losses
 from poise.model import attach_lora, load_model, load_tokenizer
-from poise.train import _Hyper, epoch_order, lr_multiplier, train_lora, warmup_steps
+from poise.train import epoch_order, lr_multiplier, train_lora, warmup_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ def bare_loop(config: TrainConfig, tokenizer, items) -> float:
 def poise_loop(config: TrainConfig, tokenizer, items) -> float:
     metrics: dict = {}
     with tempfile.TemporaryDirectory() as folder:
-        train_lora(config, _Hyper(config), tokenizer, items, Path(folder), "train", metrics=metrics)
+        train_lora(config, tokenizer, items, Path(folder), "train", metrics=metrics)
     return float(metrics["train_runtime"])
 
 

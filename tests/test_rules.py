@@ -112,3 +112,11 @@ def test_every_method_returns_distinct_rows_in_pick_order_with_a_full_trace(matr
         assert len(set(selection.indices.tolist())) == 30
         assert [p["row"] for p in selection.trace] == selection.indices.tolist()
         assert [p["rank"] for p in selection.trace] == list(range(30))
+
+
+def test_the_registry_and_the_method_literal_list_the_same_methods() -> None:
+    """Adding a method is one function, one @register line and its name in options.SelectionMethod: kept equal."""
+    from poise.options import SELECTION_METHODS
+    from poise.selection import METHODS
+
+    assert sorted(METHODS) == sorted(SELECTION_METHODS)

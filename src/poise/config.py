@@ -29,7 +29,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -43,6 +43,14 @@ from poise.options import (
     PROJECTIONS,
     SELECTION_METHODS,
     TEMPLATES,
+    AdamFormula,
+    DType,
+    FeatureKind,
+    LRScheduler,
+    Pooling,
+    Projection,
+    SelectionMethod,
+    Template,
 )
 
 ROLES = ("result", "path", "execution", "output")
@@ -111,7 +119,7 @@ class MatrixConfig:
 class SelectConfig(MatrixConfig):
     """`poise select`: choose a budgeted subset of the pool."""
 
-    method: str = _f("bids", "selection method", choices=SELECTION_METHODS, pipeline="set")
+    method: SelectionMethod = _f("bids", "selection method", choices=SELECTION_METHODS, pipeline="set")
     budget: str = _f("0.15", "a whole number is a count (4500); a number with a point in (0, 1] a fraction (0.15)",
                      pipeline="set")
     out: str | None = _f(None, "output folder (selection.json, selected.jsonl)", required=True,
@@ -167,9 +175,9 @@ class DataConfig:
     """How examples become token sequences (shared by warmup and features)."""
 
     max_seq_length: int = _f(2048, "truncate every example to this many tokens", pipeline="top", low=2)
-    template: str = _f("auto", "the tokenizer's chat template (auto/chat), the tulu format (tulu), tulu labelled as "
-                       "LESS does (tulu-less), or prompt + completion with no template (plain: LESS's validation "
-                       "rows)", choices=TEMPLATES, pipeline="top")
+    template: Template = _f("auto", "the tokenizer's chat template (auto/chat), the tulu format (tulu), tulu "
+                            "labelled as LESS does (tulu-less), or prompt + completion with no template (plain: "
+                            "LESS's validation rows)", choices=TEMPLATES, pipeline="top")
     max_batch_size: int = _f(16, "most examples in one forward pass (training: gradient accumulation reaches "
                                  "--batch-size)", role="execution", low=1)
 
@@ -190,19 +198,19 @@ class FeaturesConfig(DataConfig):
                                 role="path", pipeline="set")
     model: str | None = _f(None, "base model: folder, hub id (downloaded once, cached), .gguf file or smollm2-135m "
                            "(default: the one the checkpoint names)", role="path", pipeline="top")
-    kind: str = _f("adam", "adam (training examples), sgd (validation examples) or reps (RDS)",
+    kind: FeatureKind = _f("adam", "adam (training examples), sgd (validation examples) or reps (RDS)",
                    choices=FEATURE_KINDS, pipeline="set")
-    adam_formula: str = _f("less", "less = m'/sqrt(v'+eps) as LESS; textbook = bias-corrected Adam direction",
+    adam_formula: AdamFormula = _f("less", "less = m'/sqrt(v'+eps) as LESS; textbook = bias-corrected Adam direction",
                            choices=ADAM_FORMULAS)
-    projection: str = _f("sjlt", "sjlt (sparse JL), rademacher (dense, TRAK/LESS) or none", choices=PROJECTIONS)
+    projection: Projection = _f("sjlt", "sjlt (sparse JL), rademacher (dense, TRAK/LESS) or none", choices=PROJECTIONS)
     dim: int = _f(8192, "projection dimension", low=1)
     seed: int = _f(0, "projection seed")
-    pooling: str = _f("last", "reps only: last non-pad token (RDS) or masked mean (RDS+)", choices=POOLINGS)
+    pooling: Pooling = _f("last", "reps only: last non-pad token (RDS) or masked mean (RDS+)", choices=POOLINGS)
     task: str | None = _f(None, "task of every example (default: the row's 'task', else the file name)", pipeline="set")
-    dtype: str = _f("float32", "model dtype", choices=DTYPES, pipeline="top")
+    dtype: DType = _f("float32", "model dtype", choices=DTYPES, pipeline="top")
     device: str = _f("cpu", "cpu, cuda, cuda:1, mps ... (under torchrun cuda means each rank's own GPU)",
                      role="execution", pipeline="top")
-    output_dtype: str = _f("float32", "dtype of features.npy", choices=("float32", "float16"))
+    output_dtype: Literal["float32", "float16"] = _f("float32", "dtype of features.npy", choices=("float32", "float16"))
     overwrite: bool = _f(False, "replace features made with other settings", role="execution", pipeline="set")
 
 
@@ -240,6 +248,8 @@ def base_type(annotation: Any) -> tuple[Any, bool]:
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     kind, optional = base_type(annotation)
+    if typing.get_origin(kind) is Literal:  # a choice among strings: checked against its choices after
+        kind = str
     if value is None:
         if optional:
             return None
@@ -357,7 +367,7 @@ class LoraTrainingConfig(DataConfig):
     batch_size: int = _f(128, "examples per optimizer step, over all processes (gradient accumulation and "
                               "--max-batch-size examples per forward pass)", low=1)
     seed: int = _f(0, "seed of the example subset and order, the LoRA init and dropout")
-    dtype: str = _f("float32", "base model dtype (the LoRA weights and Adam state stay float32)",
+    dtype: DType = _f("float32", "base model dtype (the LoRA weights and Adam state stay float32)",
                     choices=DTYPES, pipeline="top")
     bf16: bool = _f(False, "bfloat16 mixed precision (transformers.Trainer's bf16; GPUs)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory)",
@@ -381,7 +391,8 @@ class WarmupConfig(LoraTrainingConfig):
                          low=0, high=1, low_open=True)
     examples: int | None = _f(None, "train on this many random examples of the pool instead of --fraction", low=1)
     epochs: int = _f(4, "training epochs (one checkpoint each)", low=1)
-    lr_scheduler: str = _f("linear", "decay after the warm-up: linear (LESS) or cosine (BIDS)", choices=LR_SCHEDULERS)
+    lr_scheduler: LRScheduler = _f("linear", "decay after the warm-up: linear (LESS) or cosine (BIDS)",
+                                   choices=LR_SCHEDULERS)
 
 
 @dataclass
@@ -395,7 +406,8 @@ class TrainConfig(LoraTrainingConfig):
     pool: str | None = _f(None, "the pool in matrix row order, for a selection folder without selected.jsonl",
                           role="path", pipeline="set")
     epochs: int = _f(2, "training epochs", low=1)
-    lr_scheduler: str = _f("cosine", "decay after the warm-up: linear (LESS) or cosine (BIDS)", choices=LR_SCHEDULERS)
+    lr_scheduler: LRScheduler = _f("cosine", "decay after the warm-up: linear (LESS) or cosine (BIDS)",
+                                   choices=LR_SCHEDULERS)
 
 
 @dataclass
@@ -413,7 +425,7 @@ class EvaluateConfig:
     tasks: list[str] = _f([], "lm-eval task names, or bids-suite (the BIDS paper's seven; they need the hub)")
     label: str | None = _f(None, "name of this run in comparison tables (default: the adapter folder, or base)",
                            pipeline="set")
-    template: str = _f("auto", "how local prompts are rendered (as the training data was)",
+    template: Template = _f("auto", "how local prompts are rendered (as the training data was)",
                        choices=TEMPLATES, pipeline="top")
     max_gen_toks: int = _f(32, "tokens generated for exact match on local tasks", low=1)
     batch_size: int = _f(8, "lm-eval batch size", role="execution", low=1)
@@ -421,7 +433,7 @@ class EvaluateConfig:
     allow_code_execution: bool = _f(False, "let HumanEval/MBPP execute the code the model writes (do it in a "
                                            "sandbox)")
     seed: int = _f(0, "lm-eval's random, numpy, torch and few-shot seeds")
-    dtype: str = _f("float32", "model dtype", choices=DTYPES, pipeline="top")
+    dtype: DType = _f("float32", "model dtype", choices=DTYPES, pipeline="top")
     device: str = _f("cpu", "cpu, cuda, cuda:1, mps ...", role="execution", pipeline="top")
     overwrite: bool = _f(False, "replace an evaluation folder made with other settings", role="execution",
                          pipeline="set")

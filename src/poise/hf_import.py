@@ -25,7 +25,7 @@ from poise.checkpoint import (
 )
 from poise.config import ImportConfig, validate
 from poise.errors import PoiseError
-from poise.files import ARGUMENTS_FILE, CHECKPOINT_FILE
+from poise.files import CHECKPOINT_FILE
 from poise.io import read_json
 
 STAGE = "import-checkpoint"
@@ -75,7 +75,7 @@ def import_checkpoint(config: ImportConfig) -> Path:
         raise PoiseError(f"epoch must be at least 1, got {epoch}")
     lr_mean = _hf_lr_mean(trainer_state, epoch, state_path)
     out = Path(str(config.out))
-    if out.is_dir() and any(out.iterdir()) and not (out / ARGUMENTS_FILE).exists() \
+    if out.is_dir() and any(out.iterdir()) and provenance.stored(out) is None \
             and not (out / CHECKPOINT_FILE).exists():
         raise PoiseError(f"{out}: exists and is not a poise checkpoint folder; choose a new folder")
 
