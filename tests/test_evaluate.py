@@ -79,7 +79,7 @@ def test_bids_suite_names_resolve_in_the_installed_lm_eval() -> None:
 
     manager = TaskManager()
     assert resolve_tasks(["bids-suite"], manager, allow_code_execution=True) == list(BIDS_SUITE)
-    with pytest.raises(PoiseError, match="--allow-code-execution"):
+    with pytest.raises(PoiseError, match="allow_code_execution"):
         resolve_tasks(["bids-suite"], manager, allow_code_execution=False)
     with pytest.raises(PoiseError, match="unknown lm-eval task 'gsm8kk'; did you mean gsm8k"):
         resolve_tasks(["gsm8kk"], manager, allow_code_execution=False)

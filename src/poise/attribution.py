@@ -73,7 +73,8 @@ def compute_attribution(config: Any, progress=None) -> Path:
     for (tf, tids, tinfo), (vf, vids, vinfo), tpath, vpath in zip(trains, vals, config.train, config.val, strict=True):
         kinds = (tinfo["settings"]["kind"], vinfo["settings"]["kind"])
         if config.rds and kinds != ("reps", "reps"):
-            raise PoiseError(f"--rds needs representation features (--kind reps); {tpath}, {vpath} are {kinds}")
+            raise PoiseError(f"AttributeConfig.rds needs representation features (kind reps); {tpath}, {vpath} "
+                             f"are {kinds}")
         if not config.rds and "reps" in kinds:
             raise PoiseError(f"{tpath if kinds[0] == 'reps' else vpath}: representation features; pass --rds")
         for key in ("model", "checkpoint", "projection", "seed", "parameters", "pooling"):
@@ -99,9 +100,9 @@ def compute_attribution(config: Any, progress=None) -> Path:
         try:
             weights = [float(w) for w in config.weights]
         except ValueError:
-            raise PoiseError(f"--weights must be numbers, got {config.weights}") from None
+            raise PoiseError(f"AttributeConfig.weights must be numbers, got {config.weights}") from None
         if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
-            raise PoiseError(f"--weights must be non-negative with a positive sum, got {config.weights}")
+            raise PoiseError(f"AttributeConfig.weights must be non-negative with a positive sum, got {config.weights}")
     else:
         lrs = [_checkpoint_lr(info) for _, _, info in trains]
         weights = [1.0] * len(trains) if any(lr is None for lr in lrs) else [float(lr) for lr in lrs]  # type: ignore

@@ -190,12 +190,13 @@ def resolve_tasks(names: list[str], task_manager: Any, allow_code_execution: boo
     for name in wanted:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)
-            raise PoiseError(f"--tasks: unknown lm-eval task {name!r}" +
+            raise PoiseError(f"EvaluateConfig.tasks: unknown lm-eval task {name!r}" +
                              (f"; did you mean {', '.join(close)}?" if close else ""))
     code = [n for n in wanted if n in CODE_TASKS]
     if code and not allow_code_execution:
-        raise PoiseError(f"--tasks: {', '.join(code)} execute code the model writes; pass --allow-code-execution "
-                         "to run it (on a machine or container where that is safe)")
+        raise PoiseError(f"EvaluateConfig.tasks: {', '.join(code)} execute code the model writes; set "
+                         "allow_code_execution (--allow-code-execution) to run it (on a machine or container where "
+                         "that is safe)")
     return wanted
 
 
@@ -234,7 +235,7 @@ def run_evaluate(config: Any) -> Path:
     adapter = Path(config.adapter) if config.adapter else None
     if adapter is not None:
         if not (adapter / "adapter_config.json").is_file():
-            raise PoiseError(f"--adapter {adapter}: not a peft adapter folder (no adapter_config.json)")
+            raise PoiseError(f"EvaluateConfig.adapter {adapter}: not a peft adapter folder (no adapter_config.json)")
         _check_adapter_base(adapter, config.model)
     # every item read and checked before any model is loaded
     items = {task: (path, read_items(path)) for task, path in local_task_files(list(config.data or [])).items()}
@@ -356,4 +357,4 @@ def _check_adapter_base(adapter: Path, model: str) -> None:
             return a == b
 
     if named != model and not same(named, model):
-        raise PoiseError(f"--adapter {adapter}: trained on {named!r}, not on --model {model!r}")
+        raise PoiseError(f"EvaluateConfig.adapter {adapter}: trained on {named!r}, not on the model {model!r}")

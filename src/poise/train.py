@@ -97,7 +97,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def micro_batching(batch_size: int, world: int, max_micro: int) -> tuple[int, int]:
     """(examples per device per forward pass, gradient accumulation steps) for `batch_size` examples per step."""
     if batch_size % world:
-        raise PoiseError(f"--batch-size {batch_size} must be a multiple of the number of processes ({world})")
+        raise PoiseError(f"batch_size {batch_size} must be a multiple of the number of processes ({world})")
     per_rank = batch_size // world
     micro = max(d for d in range(1, min(per_rank, max_micro) + 1) if per_rank % d == 0)
     return micro, per_rank // micro

@@ -43,7 +43,7 @@ def warmup_count(n_pool: int, config: WarmupConfig) -> int:
     if config.examples is not None:
         count = config.examples
         if count > n_pool:
-            raise PoiseError(f"--examples {count}: the pool has only {n_pool} examples")
+            raise PoiseError(f"WarmupConfig.examples={count}: the pool has only {n_pool} examples")
         source = f"--examples {count}"
     else:
         count = max(1, math.floor(config.fraction * n_pool))

@@ -44,7 +44,8 @@ def run_features(config: FeaturesConfig) -> Path:
     validate(config)
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
     if checkpoint is None and config.kind != "reps":
-        raise PoiseError(f"--kind {config.kind} needs --checkpoint (a poise checkpoint or a peft adapter folder)")
+        raise PoiseError(f"FeaturesConfig.kind={config.kind} needs a checkpoint (a poise checkpoint or a peft adapter "
+                         "folder)")
     if checkpoint is not None and not checkpoint.is_dir():
         raise PoiseError(f"checkpoint {str(checkpoint)!r} does not exist")
     if not config.model and checkpoint is None:

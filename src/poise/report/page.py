@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from poise import provenance
 from poise.analysis import aid_by_task, coverage, overlap, profile
+from poise.config import validate
 from poise.errors import PoiseError
 from poise.files import REPORT_FILE
 from poise.io import atomic_write_bytes, atomic_write_text
@@ -203,8 +204,7 @@ def run_report(config: ReportConfig, console: Any = None) -> Path:
     a folder made with other settings is refused unless `overwrite`; the same settings write the report
     again), load the matrix, build the report, mark the folder complete, and print the summary tables to
     `console` when one is given."""
-    if not config.out:
-        raise PoiseError("--out DIR is required")
+    validate(config)
     if not config.selections:
         raise PoiseError("name at least one selection folder (poise select) or evaluation folder (poise evaluate)")
     facts = run_facts(read_run(config.run)) if config.run else []
