@@ -156,23 +156,21 @@ def _holds_only_arguments(folder: Path) -> bool:
 
 def update(folder: str | Path, **info: Any) -> None:
     """Add to the folder's `info` (rank 0; the folder must have been opened)."""
-    if not distributed.is_main():
-        return
-    record = stored(folder)
-    if record is None:
-        raise PoiseError(f"{folder}: has no {ARGUMENTS_FILE} (open_folder first)")
-    record["info"] = {**(record.get("info") or {}), **info}
-    atomic_write_json(Path(folder) / ARGUMENTS_FILE, record)
+    _rewrite(folder, {}, info)
 
 
 def mark_complete(folder: str | Path, **info: Any) -> None:
     """The stage finished `folder`: rank 0 records it (with `info`), after every output file is in place."""
+    _rewrite(folder, {"complete": True, "completed": _now(), "poise_version": __version__}, info)
+
+
+def _rewrite(folder: str | Path, changes: dict[str, Any], info: dict[str, Any]) -> None:
     if not distributed.is_main():
         return
     record = stored(folder)
     if record is None:
         raise PoiseError(f"{folder}: has no {ARGUMENTS_FILE} (open_folder first)")
-    record.update(complete=True, completed=_now(), poise_version=__version__)
+    record.update(changes)
     record["info"] = {**(record.get("info") or {}), **info}
     atomic_write_json(Path(folder) / ARGUMENTS_FILE, record)
 

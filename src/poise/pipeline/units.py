@@ -16,18 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from poise import provenance
-from poise.config import (
-    AttributeConfig,
-    EvaluateConfig,
-    FeaturesConfig,
-    ReportConfig,
-    SelectConfig,
-    TrainConfig,
-    WarmupConfig,
-    from_dict,
-)
+from poise.config import from_dict
 from poise.pipeline.inputs import Inputs
-from poise.pipeline.runconfig import RunConfig, method_of, split_method
+from poise.pipeline.runconfig import SECTIONS, RunConfig, method_of, split_method
 
 
 @dataclass
@@ -57,8 +48,10 @@ class _Plan:
     trained: dict[str, str] = field(default_factory=dict)  # run label -> training unit
     evaluations: list[str] = field(default_factory=list)
 
-    def stage_config(self, cls: type, section: dict[str, Any], name: str, **values: Any) -> Any:
-        """`cls` from a section, the top-level keys the class has, and `values` (the folders it reads)."""
+    def stage_config(self, stage: str, section: dict[str, Any], name: str, **values: Any) -> Any:
+        """The stage's config class from its section, the top-level keys the class has, and `values` (the folders
+        it reads)."""
+        cls = SECTIONS[stage]
         config = self.config
         top = {"model": config.model, "template": config.template, "max_seq_length": config.max_seq_length,
                "device": config.device, "dtype": config.dtype}
@@ -86,7 +79,7 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
 def _warmup(plan: _Plan) -> None:
     from poise.warmup import run_warmup
 
-    wc = plan.stage_config(WarmupConfig, plan.config.section("warmup"), "warmup", data=[str(plan.inputs.pool)],
+    wc = plan.stage_config("warmup", plan.config.section("warmup"), "warmup", data=[str(plan.inputs.pool)],
                            out=plan.folder("warmup"))
     plan.epochs = wc.epochs
     plan.add("warmup", "warmup", wc, [], lambda: run_warmup(wc), {"pool": plan.inputs.digests["pool"]})
@@ -104,7 +97,7 @@ def _features(plan: _Plan) -> None:
             "val": (inputs.validation, inputs.digests["validation"])}
 
     def add(name: str, kind: str, split: str, checkpoint: int) -> None:
-        fc = plan.stage_config(FeaturesConfig, section, name, data=data[split][0], out=plan.folder(name), kind=kind,
+        fc = plan.stage_config("features", section, name, data=data[split][0], out=plan.folder(name), kind=kind,
                                checkpoint=plan.folder(f"warmup/checkpoint-{checkpoint}"))
         plan.add("features", name, fc, ["warmup"], lambda: run_features(fc), {"inputs": data[split][1]})
 
@@ -125,7 +118,7 @@ def _attribute(plan: _Plan) -> None:
     section = plan.config.section("attribute")
     for kind, pairs in plan.feature_pairs.items():
         name = "attribution" if kind == "influence" else f"attribution-{kind}"
-        ac = plan.stage_config(AttributeConfig, section, name, train=[plan.folder(t) for t, _ in pairs],
+        ac = plan.stage_config("attribute", section, name, train=[plan.folder(t) for t, _ in pairs],
                                val=[plan.folder(v) for _, v in pairs], out=plan.folder(name), rds=kind == "rds")
         plan.add("attribute", name, ac, [p for pair in pairs for p in pair],
                  _with_progress(compute_attribution, ac, "attribute", "rows"))
@@ -148,7 +141,7 @@ def _select(plan: _Plan) -> None:
         for budget in section["budgets"]:
             for seed, suffix, key in draws:
                 name = f"selections/{entry}-{budget}{suffix}"
-                sc = plan.stage_config(SelectConfig, {}, name, method=base, budget=budget, label=entry,
+                sc = plan.stage_config("select", {}, name, method=base, budget=budget, label=entry,
                                        seed=seed if not method.uses_scores else 0,  # only a draw's seed matters
                                        tasks=section["tasks"], attribution=plan.folder(matrix),
                                        normalize=section["normalize"] if normalize is None else normalize,
@@ -174,7 +167,7 @@ def _train(plan: _Plan) -> None:
         for label, selection in jobs:
             run_label = label if len(seeds) == 1 else f"{label}-seed{seed}"
             name = f"training/{run_label}"
-            tc = plan.stage_config(TrainConfig, section, name, seed=seed, out=plan.folder(name),
+            tc = plan.stage_config("train", section, name, seed=seed, out=plan.folder(name),
                                    selection=plan.folder(selection) if selection else str(plan.inputs.pool))
             plan.add("train", name, tc, [selection] if selection else [], lambda tc=tc: run_train(tc),
                      {} if selection else {"pool": plan.inputs.digests["pool"]})
@@ -192,7 +185,7 @@ def _evaluate(plan: _Plan) -> None:
     runs: list[tuple[str, str | None]] = ([("base", None)] if base else []) + list(plan.trained.items())
     for label, unit in runs:
         name = f"evaluation/{label}"
-        ec = plan.stage_config(EvaluateConfig, section, name, out=plan.folder(name), label=label,
+        ec = plan.stage_config("evaluate", section, name, out=plan.folder(name), label=label,
                                adapter=plan.folder(unit) if unit else None,
                                data=[str(p) for p in plan.inputs.evaluation.values()])
         plan.add("evaluate", name, ec, [unit] if unit else [], lambda ec=ec: run_evaluate(ec),
@@ -206,7 +199,7 @@ def _report(plan: _Plan) -> None:
     section = plan.config.section("report")
     selections = list(plan.picks.values())
     title = section.pop("title")
-    rc = plan.stage_config(ReportConfig, section, "report", out=plan.folder("report"),
+    rc = plan.stage_config("report", section, "report", out=plan.folder("report"),
                            selections=[plan.folder(s) for s in selections + plan.evaluations],
                            title=title if title != "poise selection report" else f"poise run: {plan.run.name}",
                            attribution=plan.folder(plan.matrices["influence"]), validation=plan.inputs.validation,
