@@ -140,6 +140,7 @@ def _feature_args(setup, out: Path, *extra: str) -> list[str]:
             "--max-seq-length", "64", "--max-batch-size", "2", "--out", str(out), *extra]
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow; CI runs it)
 def test_killed_run_restarted_gives_byte_identical_features(setup, tmp_path) -> None:
     reference = _cli(*_feature_args(setup, tmp_path / "whole"))
     assert reference.returncode == 0, reference.stderr

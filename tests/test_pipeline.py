@@ -74,6 +74,7 @@ def complete_run(inputs, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow; CI runs it)
 def test_run_writes_every_stage_and_a_rerun_skips_them_all(complete_run, inputs, capsys) -> None:
     run = complete_run
     for folder in ("warmup/checkpoint-1", "warmup/checkpoint-2", "features/checkpoint-1/train",
@@ -102,6 +103,7 @@ def test_run_writes_every_stage_and_a_rerun_skips_them_all(complete_run, inputs,
     assert state["total_units"] == len(state["units"])
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow; CI runs it)
 def test_changing_a_select_setting_reruns_only_the_units_it_reaches(complete_run, inputs, tmp_path) -> None:
     import shutil
 
@@ -124,6 +126,7 @@ def test_changing_a_select_setting_reruns_only_the_units_it_reaches(complete_run
         {"evaluation/bids-0.5", "evaluation/task-max-0.5", "evaluation/random-0.5"}  # base is unchanged
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow; CI runs it)
 def test_changing_execution_only_settings_reruns_nothing(complete_run, inputs, tmp_path) -> None:
     """evaluate.batch_size, features.max_batch_size, device ... are execution-only (their field's role): a run that
     changes them finds every unit up to date."""
@@ -136,6 +139,29 @@ def test_changing_execution_only_settings_reruns_nothing(complete_run, inputs, t
     assert set(result.actions.values()) == {"skipped"}
 
 
+def test_execution_only_settings_leave_every_fingerprint_unchanged(inputs, tmp_path, no_model_load) -> None:
+    """The units of a run config with other batch sizes, chunking and device have the same fingerprints, so
+    `poise run` reruns nothing (the end-to-end twin below checks it on a finished run)."""
+    from poise import provenance
+
+    def prints(data: dict) -> dict[str, str]:
+        run_config = pipeline.parse_config(data, "config")
+        checked = pipeline.check_inputs(run_config, run_config.pool, run_config.validation, run_config.evaluation)
+        units = pipeline.build_units(run_config, tmp_path / "run", checked)
+        out: dict[str, str] = {}
+        for unit in units:
+            out[unit.name] = provenance.fingerprint(unit.settings, [out[n] for n in unit.needs], tmp_path / "run")
+        return out
+
+    base = prints(config(inputs, tmp_path / "run"))
+    assert len(base) > 10
+    assert prints(config(inputs, tmp_path / "run", evaluate__batch_size=1, features__max_batch_size=2,
+                         features__max_tokens=999, attribute={"chunk_rows": 5}, device="cuda")) == base
+    changed = prints(config(inputs, tmp_path / "run", evaluate__max_gen_toks=5))
+    assert {n for n in base if base[n] != changed[n]} == {n for n in base if n.startswith("evaluation/")} | {"report"}
+
+
+@pytest.mark.slow  # an end-to-end run (make test-slow; CI runs it)
 def test_sigkill_during_features_then_rerun_equals_an_uninterrupted_run(complete_run, inputs, tmp_path) -> None:
     run = tmp_path / "run"
     path = tmp_path / "config.yaml"
@@ -229,6 +255,7 @@ def test_cli_run_errors_are_one_line(inputs, tmp_path, capsys) -> None:
     assert "expected key.path=value" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow; CI runs it)
 def test_two_rank_torchrun_run_matches_one_process(inputs, tmp_path) -> None:
     """warmup, features and training on both ranks, the rest on rank 0: the same matrix (within float32
     reduction order), the same picks, every stage complete and one report."""
@@ -265,6 +292,7 @@ def test_the_shipped_demo_config_is_valid_and_names_the_real_model(no_model_load
     assert set(config.section("select")["methods"]) >= {"bids", "task-max", "instance-max", "sum", "rds", "random"}
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow; CI runs it)
 def test_the_shipped_demo_config_runs_end_to_end_on_a_tiny_model(inputs, tmp_path) -> None:
     """`poise run demo` with the model swapped for the tiny one and the sizes cut: the demo cannot rot."""
     pytest.importorskip("reasoning_gym")

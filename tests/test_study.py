@@ -176,6 +176,7 @@ def makefile_overrides(variable: str) -> tuple[list[str], list[str]]:
     return [o for o in sets if not o.startswith("out=")], rest
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow; CI runs it)
 def test_the_study_config_runs_on_a_tiny_model_and_summarises(tmp_path) -> None:
     pytest.importorskip("reasoning_gym")
     pytest.importorskip("lm_eval")

@@ -499,6 +499,7 @@ def test_rerun_of_a_complete_warmup_says_so(setup, capfd):
 
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow; CI runs it)
 def test_warmup_killed_after_an_epoch_resumes_and_ends_as_an_uninterrupted_run(setup, tmp_path):
     """SIGKILL right after epoch 1's checkpoints; the same command again resumes from the Trainer's checkpoint."""
     script = tmp_path / "warmup.py"
@@ -576,6 +577,7 @@ def test_train_writes_a_peft_adapter_whose_loss_is_below_the_base_models(setup, 
     assert "is already complete" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow; CI runs it)
 def test_train_killed_after_its_first_epoch_resumes_and_matches_an_uninterrupted_run(setup, selection, tmp_path):
     argv = [sys.executable, "-m", "poise"]
     whole = subprocess.run(argv + _train_argv(setup, tmp_path / "whole", selection), capture_output=True, text=True,
