@@ -118,7 +118,7 @@ def test_an_adapter_made_on_another_base_model_is_refused(model, tmp_path, capsy
     code = main(["evaluate", "--model", str(model), "--adapter", str(tmp_path / "adapter"),
                  "--data", str(tmp_path / "held"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "trained on" in err[0] and "not on --model" in err[0], err
+    assert code == 2 and len(err) == 1 and "trained on" in err[0] and "not on the model" in err[0], err
 
 
 def test_samples_hold_each_items_generation_and_nll(model, tmp_path) -> None:

@@ -238,7 +238,7 @@ def test_folder_made_with_other_settings_is_refused(setup, tmp_path) -> None:
 
 
 def test_features_without_checkpoint_for_gradients_is_refused(setup, tmp_path) -> None:
-    with pytest.raises(PoiseError, match="needs --checkpoint"):
+    with pytest.raises(PoiseError, match="FeaturesConfig.kind=sgd needs a checkpoint"):
         run_features(FeaturesConfig(data=[str(setup["pool"])], out=str(tmp_path / "o"), model=str(setup["model"]),
                                     kind="sgd"))
 
