@@ -1,4 +1,5 @@
-"""Shared fixtures: small attribution matrices written the ways users hand them to poise."""
+"""Shared fixtures: small attribution matrices written the ways users hand them to poise, and one tiny model
+folder (ChatML tokenizer + seeded tiny Llama) built once per session for the tests that only read it."""
 
 from __future__ import annotations
 
@@ -37,3 +38,15 @@ def small_files(tmp_path: Path) -> dict[str, Path]:
         "pool": tmp_path / "pool.jsonl",
         "array": scores,
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """`tiny_tokenizer()` and `tiny_llama(tokenizer)` saved once as a model folder; read-only for the tests."""
+    from tiny import tiny_llama, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("shared") / "model"
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -17,12 +17,8 @@ pytest.importorskip("lm_eval")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("eval") / "model"
-    tokenizer = tiny_tokenizer()
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def model(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 def greedy(model, tokenizer, context: str, max_new_tokens: int = 8) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from pipeline_fixtures import conversation, write_pool
-from tiny import tiny_llama, tiny_tokenizer, write_jsonl
+from tiny import write_jsonl
 
 from poise import pipeline
 from poise.cli import main
@@ -24,12 +24,10 @@ TASKS = ("math", "code")
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Path:
+def inputs(tmp_path_factory, tiny_model_dir) -> Path:
     """A tiny model, a 24-example pool, 3 validation and 2 held-out items per task."""
     root = tmp_path_factory.mktemp("pipeline")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(tokenizer).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    (root / "model").symlink_to(tiny_model_dir, target_is_directory=True)
     write_pool(root / "pool.jsonl", 24)
     for k, task in enumerate(TASKS):
         write_jsonl(root / "validation" / f"{task}.jsonl", [conversation(100 + 10 * k + i, 3 + i) for i in range(3)])

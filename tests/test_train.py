@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_llama, tiny_tokenizer, write_jsonl
+from tiny import tiny_tokenizer, write_jsonl
 from tolerances import gamma
 
 from poise.checkpoint import ADAPTER_WEIGHTS
@@ -44,12 +44,10 @@ def conversation(i: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
+def setup(tmp_path_factory, tiny_model_dir) -> dict:
     """A tiny model folder, a 40-example tulu pool and a warmup run (2 epochs, dropout on) of 24 of them."""
     root = tmp_path_factory.mktemp("warmup")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(tokenizer).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    (root / "model").symlink_to(tiny_model_dir, target_is_directory=True)
     pool = write_jsonl(root / "pool.jsonl", [conversation(i) for i in range(40)])
     config = WarmupConfig(data=[str(pool)], model=str(root / "model"), out=str(root / "run-a"), examples=24,
                           epochs=2, batch_size=8, lora_r=4, lora_alpha=16, lr=1e-3, max_batch_size=4, seed=3)
