@@ -261,12 +261,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return value
     if origin is list:
         item = (typing.get_args(kind) or (str,))[0]
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is int:
-            value = [value]  # one number for a list of them
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]
+            value = [value]  # one number for a list of them
         if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
             raise PoiseError(f"{where}: expected a list, got {value!r}")
         if item is int:

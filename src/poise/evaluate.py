@@ -32,6 +32,8 @@ from typing import Any
 
 from poise.config import validate
 from poise.errors import PoiseError
+from poise.files import EVAL_SCORES_FILE as SCORES_FILE
+from poise.files import RESULTS_FILE, SAMPLES_FILE
 from poise.io import atomic_write_json, atomic_write_lines, atomic_write_text, read_jsonl
 from poise.provenance import mark_complete, open_folder
 from poise.version import __version__
@@ -40,11 +42,7 @@ from poise.version import __version__
 BIDS_SUITE = ("humaneval", "mbpp", "gsm_plus", "minerva_math", "bbh_cot_fewshot", "mmlu", "ifeval")
 #: Tasks that execute model-written code.
 CODE_TASKS = ("humaneval", "mbpp")
-RESULTS_FILE = "results.json"
-SCORES_FILE = "scores.json"
 TASK_PREFIX = "poise_"
-#: Per-item answers of the local tasks (generation, NLL), one JSON object per line.
-SAMPLES_FILE = "samples.jsonl"
 #: Metrics where lower is better, when lm-eval's results do not say.
 LOWER_IS_BETTER = ("nll", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 

@@ -93,12 +93,12 @@ class Opened:
 
 
 def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[str, Any] | None = None,
-                overwrite: bool | None = None, info: dict[str, Any] | None = None, collective: bool = False,
-                ) -> Opened:
+                collective: bool = False) -> Opened:
     """Check `config` (required fields, choices, ranges) and open its output folder `out` for `stage`.
 
     - A folder made (by any stage) with other settings is refused, naming every differing key with both of its
-      values, unless `overwrite`: then its contents are deleted and it starts over.
+      values, unless the config's `overwrite`: then its contents are deleted and it starts over. `extra`: what
+      the stage derives and must match too (see `settings`).
     - A non-empty folder without `arguments.json` (not made by poise) is refused unless `overwrite`; with it,
       the stage writes its files among the ones there.
     - The same settings resume: the folder is kept, and `complete` says whether the stage had finished it.
@@ -114,7 +114,7 @@ def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise PoiseError(f"{folder}: is a file, not a folder (out must be a folder)")
-    overwrite = bool(getattr(config, "overwrite", False)) if overwrite is None else overwrite
+    overwrite = bool(getattr(config, "overwrite", False))
     new = settings(config, extra)
     record = stored(folder)
     same = record is not None and record.get("settings") == new and record.get("stage") == stage
@@ -143,7 +143,7 @@ def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / ARGUMENTS_FILE, {
             "stage": stage, "poise_version": __version__, "opened": _now(), "complete": False,
-            "settings": new, "arguments": to_dict(config), "info": dict(info or {}),
+            "settings": new, "arguments": to_dict(config), "info": {},
         })
     if collective:
         distributed.barrier()

@@ -3,7 +3,7 @@
 Layout of a features folder:
   features.npy        (N, d) float32 or float16, rows in input order (created once, by rank 0)
   ids.jsonl           one {"id", "task"} per row
-  info.json           the settings that produced it (a folder made with other settings is refused)
+  info.json           what the features are (kind, model, checkpoint, projector; attribute checks them)
   progress/rank-R.log the batches rank R has finished, one id per line
 
 A batch is recorded in its rank's log only after its rows are written and flushed to disk, so a killed
@@ -23,13 +23,10 @@ import numpy as np
 from poise import distributed
 from poise.errors import PoiseError
 from poise.faults import maybe_kill
+from poise.files import FEATURES_FILE, IDS_FILE, PROGRESS_DIR
+from poise.files import FEATURES_INFO_FILE as INFO_FILE
 from poise.io import atomic_write_json, atomic_write_lines, read_json
 from poise.provenance import mark_complete
-
-FEATURES_FILE = "features.npy"
-IDS_FILE = "ids.jsonl"
-INFO_FILE = "info.json"
-PROGRESS_DIR = "progress"
 
 
 class FeatureStore:

@@ -24,6 +24,7 @@ from poise.analysis import jaccard
 from poise.errors import PoiseError
 from poise.evaluate import LOWER_IS_BETTER
 from poise.files import EVAL_SCORES_FILE as SCORES_FILE
+from poise.files import SAMPLES_FILE, SELECTED_FILE, SELECTION_FILE
 from poise.io import read_json
 from poise.report.downstream import macro_and_worst
 
@@ -205,7 +206,7 @@ def side_by_side(run_dir: str | Path, runs: Sequence[str], per_capability: int =
     run_dir = Path(run_dir)
     answers: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
     for name in runs:
-        path = run_dir / "evaluation" / name / "samples.jsonl"
+        path = run_dir / "evaluation" / name / SAMPLES_FILE
         if path.is_file():
             answers[name] = {(r["capability"], str(r["id"])): r for r in
                              (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line)}
@@ -230,12 +231,12 @@ def side_by_side(run_dir: str | Path, runs: Sequence[str], per_capability: int =
 
 def _selected_ids(folder: Path) -> list[str]:
     """The picks of a selection folder as example ids (selected.jsonl), or as pool rows (selection.json)."""
-    lines = (folder / "selected.jsonl")
+    lines = (folder / SELECTED_FILE)
     if lines.is_file():
         ids = [json.loads(line).get("id") for line in lines.read_text(encoding="utf-8").splitlines() if line.strip()]
         if all(i is not None for i in ids):
             return [str(i) for i in ids]
-    return [f"row{i}" for i in read_json(folder / "selection.json")["indices"]]
+    return [f"row{i}" for i in read_json(folder / SELECTION_FILE)["indices"]]
 
 
 def selection_overlap(run_a: str | Path, run_b: str | Path) -> list[dict[str, Any]]:
@@ -244,12 +245,12 @@ def selection_overlap(run_a: str | Path, run_b: str | Path) -> list[dict[str, An
     independent uniform draws of the same sizes would have in expectation (k_a k_b / n shared on average)."""
     run_a, run_b = Path(run_a), Path(run_b)
     out = []
-    for folder in sorted(p for p in (run_a / "selections").glob("*") if (p / "selection.json").is_file()):
+    for folder in sorted(p for p in (run_a / "selections").glob("*") if (p / SELECTION_FILE).is_file()):
         other = run_b / "selections" / folder.name
-        if not (other / "selection.json").is_file():
+        if not (other / SELECTION_FILE).is_file():
             continue
         a, b = set(_selected_ids(folder)), set(_selected_ids(other))
-        n = int(read_json(folder / "selection.json")["n_pool"])
+        n = int(read_json(folder / SELECTION_FILE)["n_pool"])
         expected = len(a) * len(b) / n if n else math.nan
         out.append({"selection": folder.name, "size": [len(a), len(b)], "shared": len(a & b),
                     "jaccard": _jaccard_of_ids(a, b),
@@ -269,12 +270,12 @@ def overlap_with(run_dir: str | Path, reference: str = "bids") -> list[dict[str,
     out = []
     for folder in sorted(selections.glob(f"{reference}-*")):
         budget = folder.name[len(reference) + 1:]
-        if not LABEL.match(f"x-{budget}") or "seed" in budget or not (folder / "selection.json").is_file():
+        if not LABEL.match(f"x-{budget}") or "seed" in budget or not (folder / SELECTION_FILE).is_file():
             continue
         ours = set(_selected_ids(folder))
         for other in sorted(selections.glob(f"*-{budget}")) + sorted(selections.glob(f"*-{budget}-seed0")):
             method = parse_label(other.name)[0]
-            if other == folder or not (other / "selection.json").is_file():
+            if other == folder or not (other / SELECTION_FILE).is_file():
                 continue
             theirs = set(_selected_ids(other))
             out.append({"budget": budget, "method": method, "shared": len(ours & theirs), "size": len(ours),

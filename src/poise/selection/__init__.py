@@ -17,15 +17,13 @@ from typing import Any
 import numpy as np
 
 from poise.errors import PoiseError, warn
+from poise.files import SELECTED_FILE, SELECTION_FILE
 from poise.io import atomic_write_json, atomic_write_lines, read_json
 from poise.matrix import AttributionMatrix
 from poise.selection import bids as _bids  # noqa: F401  (registers "bids")
 from poise.selection import rules as _rules  # noqa: F401  (registers the top-B rules)
 from poise.selection.registry import METHODS, Context, Picks, get_method, parse_budget
 from poise.version import __version__
-
-SELECTION_FILE = "selection.json"
-SELECTED_FILE = "selected.jsonl"
 
 __all__ = ["METHODS", "Selection", "select", "parse_budget", "read_selection", "write_selection"]
 
