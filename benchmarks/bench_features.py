@@ -196,7 +196,8 @@ def build_model(args: argparse.Namespace):
     """(model with LESS's LoRA in eval mode, tokenizer, description)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from poise.model import attach_lora, load_model, load_tokenizer, model_folder
+    from poise.lora import attach_lora
+    from poise.model import load_model, load_tokenizer, model_folder
 
     torch.manual_seed(args.seed)
     if args.quick:

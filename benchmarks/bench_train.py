@@ -28,8 +28,9 @@ import torch
 
 from poise.config import TrainConfig
 from poise.data import collate, read_examples, tokenize_examples
+from poise.lora import attach_lora
 from poise.losses import per_example_losses
-from poise.model import attach_lora, load_model, load_tokenizer
+from poise.model import load_model, load_tokenizer
 from poise.train import epoch_order, lr_multiplier, train_lora, warmup_steps
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from tiny import tiny_llama, tiny_tokenizer, write_jsonl
 
-from poise.model import attach_lora
+from poise.lora import attach_lora
 
 WORDS = ["apple", "river", "seven", "blue", "code", "sum", "proof", "list", "tree", "fast", "print", "moon"]
 

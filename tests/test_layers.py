@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "poise"
 LAYERS: list[set[str]] = [
     {"version", "files", "options", "errors", "io", "config", "distributed", "progress", "provenance", "faults"},
     {"data", "matrix"},
-    {"model"},
+    {"model", "lora"},
     {"losses", "checkpoint"},
     {"train", "warmup", "hf_import", "features"},
     {"attribution"},

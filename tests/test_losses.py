@@ -103,7 +103,7 @@ def test_target_position_losses_equal_the_full_logit_losses(padding_side) -> Non
 
 
 def lora_model(tokenizer):
-    from poise.model import attach_lora
+    from poise.lora import attach_lora
 
     model = attach_lora(tiny_llama(tokenizer), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     for name, parameter in model.named_parameters():

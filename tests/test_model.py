@@ -261,7 +261,8 @@ def test_shared_models_load_once_and_hand_out_independent_copies(tmp_path, monke
     import torch
 
     import poise.model
-    from poise.model import attach_lora, load_model, load_tokenizer, shared_models
+    from poise.lora import attach_lora
+    from poise.model import load_model, load_tokenizer, shared_models
 
     folder = write_model(tmp_path / "model")
     loads = []

@@ -56,7 +56,8 @@ def setup(tmp_path_factory, tiny_model_dir) -> dict:
 
 
 def trainable_names(model_dir: Path, checkpoint: Path) -> list[str]:
-    from poise.model import load_adapter, load_model, lora_parameters
+    from poise.lora import load_adapter, lora_parameters
+    from poise.model import load_model
 
     return list(lora_parameters(load_adapter(load_model(str(model_dir)), checkpoint, trainable=True)))
 
@@ -174,7 +175,9 @@ def test_warmup_bad_settings_are_one_line_errors(setup):
     for change, match in [({"fraction": 0.0}, r"WarmupConfig.fraction must be in \(0, 1\]"),
                           ({"examples": 41}, "only 40"), ({"lr": "fast"}, "WarmupConfig.lr: expected a number"),
                           ({"batch_size": 0}, r"WarmupConfig.batch_size must be in \[1, inf\]"),
-                          ({"target_modules": []}, "WarmupConfig.target_modules: name at least one module"),
+                          ({"target_modules": ["q_proj", "qkv"]},
+                           r"target_modules qkv: no module of this llama model is named so; its linear layers: "
+                           r"q_proj, k_proj, v_proj, o_proj \(attention\); gate_proj, up_proj, down_proj$"),
                           ({"trainer": {"fsdp_shards": 2}}, "unknown TrainingArguments setting 'fsdp_shards'")]:
         config = dataclasses.replace(setup["config"], out=str(setup["root"] / "bad"), **change)
         with pytest.raises(PoiseError, match=match) as info:
@@ -215,8 +218,9 @@ def test_warmup_equals_a_plain_adamw_loop(no_dropout):
     """Moments and adapter equal a reference loop: one padded batch per step, AdamW + HF linear schedule."""
 
     from poise.data import collate, read_examples, tokenize_examples
+    from poise.lora import attach_lora
     from poise.losses import per_example_losses
-    from poise.model import attach_lora, load_model, load_tokenizer
+    from poise.model import load_model, load_tokenizer
 
     config, checkpoints = no_dropout
 

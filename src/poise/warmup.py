@@ -23,6 +23,7 @@ from poise.data import read_examples, tokenize_examples
 from poise.errors import PoiseError, warn
 from poise.files import EXAMPLES_FILE
 from poise.io import atomic_write_lines
+from poise.lora import planned_targets
 from poise.progress import note
 from poise.train import check_settings, schedule, train_lora
 
@@ -83,6 +84,7 @@ def run_warmup(config: WarmupConfig) -> list[Path]:
     if not examples:
         raise PoiseError(f"no examples in {', '.join(config.data)}")
     count = warmup_count(len(examples), config)
+    planned_targets(str(config.model), config.target_modules)  # LoRA targets that fit the model, before any work
 
     distributed.init(config.device)
     opened = provenance.open_folder(config.out, STAGE, config, collective=True)
@@ -101,6 +103,7 @@ def run_warmup(config: WarmupConfig) -> list[Path]:
 
 
 def _train(config: WarmupConfig, out: Path, checkpoints: list[Path], examples: list[Any], count: int) -> None:
+    from poise.lora import adaptation
     from poise.model import load_tokenizer  # here: the tests replace it to see that nothing loads it too early
 
     # the warmup examples: a seeded random part of the pool, tokenised
@@ -143,6 +146,7 @@ def _train(config: WarmupConfig, out: Path, checkpoints: list[Path], examples: l
             "source": WARMUP_SOURCE,
             "train_loss": sum(losses) / len(losses) if losses else None,
             "examples": n,
+            "lora": adaptation(model),
         }
         write_checkpoint(checkpoints[epoch - 1], lambda tmp: model.save_pretrained(str(tmp)),
                          optimizer_moments(model, optimizer), info)

@@ -39,7 +39,8 @@ def run_features(config: FeaturesConfig) -> Path:
     from poise.features.capture import backward_per_example, capture_lora_gradients, lora_linear_modules
     from poise.features.precondition import adam_direction
     from poise.features.projection import make_projector
-    from poise.model import load_adapter, load_model, load_tokenizer
+    from poise.lora import adaptation, adaptation_line, load_adapter
+    from poise.model import load_model, load_tokenizer
 
     validate(config)
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
@@ -81,6 +82,12 @@ def run_features(config: FeaturesConfig) -> Path:
         "template": config.template,
         "dtype": config.dtype,
     }
+    if checkpoint is not None:  # what the gradients (or, for reps, the forward) cover; said once and recorded
+        settings["lora"] = adaptation(model)
+        if distributed.is_main():
+            from poise.progress import note
+
+            note(f"features: {adaptation_line(settings['lora'])}")
     if config.kind == "reps":
         settings["pooling"] = config.pooling
         dim = int(model.config.hidden_size)
