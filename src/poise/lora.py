@@ -224,8 +224,13 @@ def attach_lora(model: Any, r: int = 128, alpha: int = 512, dropout: float = 0.1
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from transformers.pytorch_utils import Conv1D
+
     targets = resolve_targets(model, target_modules)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    matched = [m for n, m in model.named_modules() if any(_matches(n, t) for t in targets)]
+    conv1d = bool(matched) and all(isinstance(m, Conv1D) for m in matched)  # GPT-2's layers store W transposed
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                        fan_in_fan_out=conv1d)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -306,21 +311,22 @@ def load_adapter(model: Any, adapter: str | os.PathLike, trainable: bool = True)
     except (OSError, ValueError) as exc:
         raise PoiseError(f"{folder / ADAPTER_CONFIG}: not readable JSON ({exc})") from None
     kind = _model_type(model)
-    base = adapter_config.get("base_model_name_or_path") or "another model"
+    base = adapter_config.get("base_model_name_or_path")
+    trained = f" (trained on {base})" if base else ""
     targets = adapter_config.get("target_modules")
     if isinstance(targets, list):
         modules = [name for name, _ in model.named_modules()]
         absent = [t for t in targets if not any(_matches(n, t) for n in modules)]
         if absent:
-            raise PoiseError(f"{folder}: this adapter (trained on {base}) targets {', '.join(absent)}, which this "
+            raise PoiseError(f"{folder}: this adapter{trained} targets {', '.join(absent)}, which this "
                              f"{kind} model does not have; its linear layers: {candidates_line(model)}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(missing adapter keys|unexpected).*")
         try:
             loaded = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
         except (RuntimeError, ValueError) as exc:
-            raise PoiseError(f"{folder}: the adapter (trained on {base}) does not fit this {kind} model: "
-                             f"{_first_line(exc)}") from None
+            raise PoiseError(f"{folder}: the adapter{trained} does not fit this {kind} model: "
+                             f"{_first_line(exc, prefer='size mismatch')}") from None
     expected = set(get_peft_model_state_dict(loaded).keys())
     missing, unexpected = expected - saved, saved - expected
     if missing or unexpected:
@@ -329,14 +335,16 @@ def load_adapter(model: Any, adapter: str | os.PathLike, trainable: bool = True)
             detail.append(f"{len(unexpected)} of its weights have no place in this model ({_listed(unexpected)})")
         if missing:
             detail.append(f"{len(missing)} LoRA weights of the model are not in it ({_listed(missing)})")
-        raise PoiseError(f"{folder}: the adapter (trained on {base}) does not match this {kind} model: "
+        raise PoiseError(f"{folder}: the adapter{trained} does not match this {kind} model: "
                          f"{'; '.join(detail)}; peft would go on with freshly initialised LoRA weights")
     return loaded
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException, prefer: str = "") -> str:
+    """The exception's first line, or its first line containing `prefer` (a torch load error's useful line)."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    preferred = [line for line in lines if prefer and prefer in line]
+    return (preferred or lines or [type(exc).__name__])[0]
 
 
 def lora_parameters(model: Any) -> dict[str, Any]:

@@ -108,11 +108,19 @@ def _head_sees(head: nn.Module | None, rows: torch.Tensor, positions: torch.Tens
         handle.remove()
 
 
+#: What `model_losses` reports as its `path`: the logits at target positions only, or one of the fallbacks.
+GATHERED = "target positions"
+FULL_NO_HEAD = "full logits (no output head found, or not called with the batch's hidden states)"
+FULL_RESHAPED = "full logits (the forward changed the gathered logits' shape; run again without the hook)"
+
+
 def model_losses(model: nn.Module, batch: dict[str, torch.Tensor], head: nn.Module | None = None,
-                 **forward: Any) -> tuple[torch.Tensor, Any]:
+                 path: dict[str, str] | None = None, **forward: Any) -> tuple[torch.Tensor, Any]:
     """Forward `batch` and return ((b,) per-example mean losses, the model output), computing the logits at
     target positions only (see the module docstring). `head` is the output embedding when the caller has it
-    unwrapped; extra keyword arguments go to the forward."""
+    unwrapped; `path`, when given, receives "logits": GATHERED or the fallback taken; extra keyword arguments go
+    to the forward."""
+    path = {} if path is None else path
     labels = batch["labels"]
     rows, positions, targets, counts = target_positions(labels)
     head = head if head is not None else _output_head(model)
@@ -124,9 +132,11 @@ def model_losses(model: nn.Module, batch: dict[str, torch.Tensor], head: nn.Modu
     with _head_sees(head, rows, positions, tuple(labels.shape)) as seen:
         output = run()
     if seen["gathered"] and tuple(output.logits.shape[:2]) == (1, rows.numel()):
+        path["logits"] = GATHERED
         token_loss = nn.functional.cross_entropy(output.logits[0].float(), targets, reduction="none")  # (n,)
         sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device)
         return sums.index_add_(0, rows, token_loss) / counts, output
+    path["logits"] = FULL_RESHAPED if seen["gathered"] else FULL_NO_HEAD
     if seen["gathered"]:
         del output
         output = run()  # the forward changed the gathered logits' shape: again without the hook, full logits
