@@ -16,6 +16,7 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from families import FAMILIES, tiny_model
@@ -200,4 +201,54 @@ def test_the_models_doc_is_the_family_checks() -> None:
     fresh = f"{head}{BEGIN}\n{table()}{END}{tail}"
     if os.environ.get("POISE_WRITE_MODELS_DOC") == "1":
         DOC.write_text(fresh)
+        return
     assert text == fresh, "docs/models.md is stale: run `make models-doc`"
+
+
+# ------------------------------------------------------------------------------------------- smoke: every stage
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory) -> Path:
+    from pipeline_fixtures import write_pool, write_validation
+    from tiny import write_jsonl
+
+    root = tmp_path_factory.mktemp("families")
+    write_pool(root / "pool.jsonl", n=8)
+    write_validation(root / "validation")
+    write_jsonl(root / "held" / "math.jsonl", [{"id": "h0", "prompt": "What is two plus two?", "answer": "four"}])
+    return root
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_warmup_features_train_evaluate_run_on_every_family(name, smoke_data, tmp_path, capsys) -> None:
+    """The commands a user runs, with default LoRA targets, on the family's tiny model saved as a folder."""
+    import json
+
+    from poise.cli import main
+
+    tokenizer = tiny_tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_model(name, tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    model, pool = str(model_dir), str(smoke_data / "pool.jsonl")
+    lora = ["--lora-r", "4", "--lora-alpha", "8", "--batch-size", "4", "--max-seq-length", "64"]
+    assert main(["warmup", "--model", model, "--data", pool, "--out", str(tmp_path / "w"), "--fraction", "1",
+                 "--epochs", "1", "--lr", "1e-3", *lora]) == 0
+    checkpoint = tmp_path / "w" / "checkpoint-1"
+    assert main(["features", "--checkpoint", str(checkpoint), "--data", pool, "--kind", "adam", "--dim", "64",
+                 "--out", str(tmp_path / "f")]) == 0
+    assert main(["train", "--model", model, "--selection", pool, "--out", str(tmp_path / "t"), "--epochs", "1",
+                 "--lr", "1e-3", *lora]) == 0
+    assert main(["evaluate", "--model", model, "--adapter", str(tmp_path / "t"), "--data", str(smoke_data / "held"),
+                 "--out", str(tmp_path / "e"), "--max-gen-toks", "2"]) == 0
+    err = capsys.readouterr().err
+    expected = check(name)["lora"]
+    said = f"LoRA on {expected['modules']} modules ({', '.join(expected['names'])})"
+    assert f"warmup: {said}" in err and f"features: {said}" in err and f"train: {said}" in err
+    recorded = [json.loads((checkpoint / "checkpoint.json").read_text())["lora"],
+                json.loads((tmp_path / "f" / "info.json").read_text())["settings"]["lora"],
+                json.loads((tmp_path / "t" / "train_summary.json").read_text())["lora"]]
+    assert all(r["modules"] == expected["modules"] and r["names"] == expected["names"] for r in recorded)
+    features = np.load(tmp_path / "f" / "features.npy")
+    assert features.shape == (8, 64) and np.isfinite(features).all()
+    scores = json.loads((tmp_path / "e" / "scores.json").read_text())["scores"]["math"]
+    assert np.isfinite(scores["nll"]["value"])

@@ -255,7 +255,9 @@ def run_evaluate(config: Any) -> Path:
 
     task_dir = out / "tasks"
     local = write_local_tasks(items, tokenizer, task_dir, config.template, config.max_gen_toks) if items else []
-    manager = TaskManager(include_path=str(task_dir.resolve()) if local else None)
+    # lm-eval's own index (14K task files, ~15 s to read) only when lm-eval tasks are asked for
+    manager = TaskManager(include_path=str(task_dir.resolve()) if local else None,
+                          include_defaults=bool(config.tasks))
     names = local + resolve_tasks(list(config.tasks or []), manager, config.allow_code_execution)
     if config.allow_code_execution:
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # what lm-eval's code tasks check

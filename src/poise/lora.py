@@ -223,7 +223,6 @@ def attach_lora(model: Any, r: int = 128, alpha: int = 512, dropout: float = 0.1
     from `seed`, lora_B zero (peft's default)."""
     import torch
     from peft import LoraConfig, get_peft_model
-
     from transformers.pytorch_utils import Conv1D
 
     targets = resolve_targets(model, target_modules)
