@@ -185,7 +185,7 @@ def test_a_second_converter_waits_for_the_first_and_says_so(tmp_path, capsys) ->
     import fcntl
     import threading
 
-    from poise.model import _exclusive
+    from poise.io import exclusive as _exclusive
 
     lock = tmp_path / "gguf" / "m-0123.lock"
     lock.parent.mkdir()
@@ -204,7 +204,7 @@ def test_a_second_converter_waits_for_the_first_and_says_so(tmp_path, capsys) ->
     thread.join(10)
     assert entered.is_set()
     target = tmp_path / "gguf" / "m-0123"
-    assert capsys.readouterr().err == f"poise: waiting for another process converting into {target}\n"
+    assert capsys.readouterr().err == f"poise: waiting for another process building {target}\n"
 
 
 def test_an_unwritable_poise_cache_is_one_line_naming_poise_cache(tmp_path, monkeypatch) -> None:

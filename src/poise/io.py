@@ -6,8 +6,10 @@ killed process never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -101,3 +103,36 @@ def human_size(size: int) -> str:
             value = size / scale
             return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
     return f"{size} B"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $POISE_CACHE, else ~/.cache/poise."""
+    return Path(os.environ.get("POISE_CACHE") or Path.home() / ".cache" / "poise")
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path`: one builder of a cache entry at a time (torchrun ranks start together;
+    the others wait, then find it built); POSIX only."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "w")  # closed below, after the lock is released
+    except OSError as exc:
+        raise PoiseError(f"{lock_path.parent}: cannot write poise's cache ({exc.strerror or exc}); set POISE_CACHE "
+                         "to a writable folder") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"poise: waiting for another process building {lock_path.with_suffix('')}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from poise.errors import PoiseError
-from poise.io import disk_size, human_size
+from poise.io import cache_dir, disk_size, exclusive, human_size
 
 # peft 0.21 still calls a transformers-5 API that warns on every adapter load; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
@@ -56,11 +56,6 @@ HUB_MODEL_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $POISE_CACHE, else ~/.cache/poise."""
-    return Path(os.environ.get("POISE_CACHE") or Path.home() / ".cache" / "poise")
 
 
 @dataclass(frozen=True)
@@ -219,33 +214,6 @@ def _quiet_progress_bars(gguf: bool = False) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path`: one converter at a time (torchrun ranks start together); POSIX only."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_path, "w")  # closed below, after the lock is released
-    except OSError as exc:
-        raise PoiseError(f"{lock_path.parent}: cannot write poise's cache ({exc.strerror or exc}); set POISE_CACHE "
-                         "to a writable folder") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"poise: waiting for another process converting into {lock_path.with_suffix('')}",
-                  file=sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _converted(target: Path) -> bool:
     return (target / "config.json").exists() and (target / ".complete").exists()
 
@@ -255,7 +223,7 @@ def _convert_gguf(source: ModelSource) -> Path:
     target = _gguf_cache(source)
     if _converted(target):
         return target
-    with _exclusive(target.with_name(target.name + ".lock")):
+    with exclusive(target.with_name(target.name + ".lock")):
         if _converted(target):  # another process converted it while this one waited
             return target
         return _convert_gguf_now(source, target)
