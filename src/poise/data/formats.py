@@ -12,6 +12,7 @@ so that no later stage has to second-guess the data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -94,27 +95,71 @@ def read_examples(path: str | os.PathLike, task: str | None = None) -> list[Exam
     HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1 from that cache only); its rows are read like a `datasets`
     folder's and named "<the argument>[row]".
     """
+    examples = list(iter_examples(path, task))
+    _check_unique_ids(examples)
+    return examples
+
+
+def iter_examples(path: str | os.PathLike, task: str | None = None) -> Iterator[Example]:
+    """The examples of `read_examples`, one at a time (rows are parsed as they are read, so a pool of millions
+    is never held as Python objects); ids are not checked for uniqueness here. An empty file or data set is an
+    error, as in `read_examples`."""
     hub = _hub_dataset(path)
     if hub is not None:
-        examples = list(_parse_rows(_hub_rows(str(path), *hub), task))
-        if not examples:
-            raise PoiseError(f"{path}: empty dataset (no examples)")
-        _check_unique_ids(examples)
-        return examples
+        yield from _nonempty(_parse_rows(_hub_rows(str(path), *hub), task), f"{path}: empty dataset (no examples)")
+        return
     path = Path(path)
     if path.is_dir():
         if any((path / marker).exists() for marker in DATASETS_MARKERS):
-            examples = list(_parse_rows(_datasets_rows(path), task))
+            yield from _parse_rows(_datasets_rows(path), task)
         else:
-            examples = _read_folder(path, task)
+            yield from _iter_folder(path, task)
     elif path.exists():
-        examples = list(_parse_rows(_file_rows(path), task))
-        if not examples:
-            raise PoiseError(f"{path}: empty file (no examples)")
+        yield from _nonempty(_parse_rows(_file_rows(path), task), f"{path}: empty file (no examples)")
     else:
         raise PoiseError(f"{path}: no such file or folder")
-    _check_unique_ids(examples)
-    return examples
+
+
+def _nonempty(examples: Iterator[Example], message: str) -> Iterator[Example]:
+    empty = True
+    for example in examples:
+        empty = False
+        yield example
+    if empty:
+        raise PoiseError(message)
+
+
+def source_digest(path: str | os.PathLike) -> str:
+    """A digest of what `iter_examples(path)` reads: the bytes of every file it would read (a folder's files with
+    their names), or, for a Hub data set, its id and `datasets`' own fingerprint of the loaded data. Files are
+    hashed once per (path, size, modification time) in this process."""
+    hub = _hub_dataset(path)
+    if hub is not None:
+        return hashlib.sha256(f"hub|{path}|{_load_hub(str(path), *hub)._fingerprint}".encode()).hexdigest()
+    path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256(b"folder")
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest.update(f"{file.relative_to(path)}|{_file_digest(file)}".encode())
+        return digest.hexdigest()
+    if path.exists():
+        return _file_digest(path)
+    raise PoiseError(f"{path}: no such file or folder")
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -122,19 +167,15 @@ Row = tuple[str, int, Any]
 """(where, 0-based index of the example in its file, the row object)."""
 
 
-def _read_folder(folder: Path, task: str | None) -> list[Example]:
+def _iter_folder(folder: Path, task: str | None) -> Iterator[Example]:
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and p.suffix in FILE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise PoiseError(f"{folder}: no .jsonl, .json or .parquet files in this folder (and it is not a datasets "
                          "folder written by save_to_disk)")
-    examples: list[Example] = []
     for file in files:
-        found = list(_parse_rows(_file_rows(file), file.stem, id_prefix=f"{file.stem}/"))
-        if not found:
-            raise PoiseError(f"{file}: empty file (no examples)")
-        examples.extend(found)
-    return examples
+        yield from _nonempty(_parse_rows(_file_rows(file), file.stem, id_prefix=f"{file.stem}/"),
+                             f"{file}: empty file (no examples)")
 
 
 def _file_rows(path: Path) -> Iterator[Row]:
@@ -212,6 +253,11 @@ def _hub_offline() -> bool:
 
 
 def _hub_rows(spec: str, repo: str, config: str | None, split: str | None) -> Iterator[Row]:
+    yield from _dataset_rows(_load_hub(spec, repo, config, split), spec)
+
+
+def _load_hub(spec: str, repo: str, config: str | None, split: str | None) -> Any:
+    """The Hub data set `spec` as a memory-mapped `datasets.Dataset` (downloaded once into the datasets cache)."""
     import datasets
     from datasets.naming import camelcase_to_snakecase
 
@@ -247,7 +293,7 @@ def _hub_rows(spec: str, repo: str, config: str | None, split: str | None) -> It
     except Exception as exc:
         raise PoiseError(f"{spec}: cannot load the Hugging Face Hub dataset ({type(exc).__name__}: "
                          f"{_one_line(exc)})") from None
-    yield from _dataset_rows(data, spec)
+    return data
 
 
 def _dataset_rows(data: Any, name: str) -> Iterator[Row]:
