@@ -40,6 +40,28 @@ def small_files(tmp_path: Path) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_poise_cache(tmp_path_factory):
+    """poise's cache (the tokenised data sets) in a folder of this session, not the user's; converted GGUF
+    models still come from (and go to) the user's cache, whose `gguf/` is linked in: converting SmolLM2 takes
+    a minute, and the conversion is what the model tests check, not where it lives."""
+    import os
+
+    from poise.io import cache_dir
+
+    user_gguf = cache_dir() / "gguf"
+    user_gguf.mkdir(parents=True, exist_ok=True)
+    cache = tmp_path_factory.mktemp("poise-cache")
+    (cache / "gguf").symlink_to(user_gguf, target_is_directory=True)
+    previous = os.environ.get("POISE_CACHE")
+    os.environ["POISE_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("POISE_CACHE", None)
+    else:
+        os.environ["POISE_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """`tiny_tokenizer()` and `tiny_llama(tokenizer)` saved once as a model folder; read-only for the tests."""

@@ -8,7 +8,7 @@ results back in input order (batching.py). Nothing here imports torch or transfo
 
 from __future__ import annotations
 
-from poise.data.batching import PaddingSide, collate, restore_order, token_budget_batches
+from poise.data.batching import Batches, PaddingSide, batch_plan, collate, restore_order, token_budget_batches
 from poise.data.formats import IGNORE_INDEX, ROW_FORMATS, Example, read_examples
 from poise.data.templates import (
     TULU_GENERATION_PROMPT,
@@ -19,16 +19,21 @@ from poise.data.templates import (
     tokenize_example,
     tokenize_examples,
 )
+from poise.data.tokenized import ItemView, TokenizedSet, tokenized_set
 
 __all__ = [
     "IGNORE_INDEX",
     "ROW_FORMATS",
     "TULU_GENERATION_PROMPT",
     "TULU_TEMPLATE",
+    "Batches",
     "ChatTemplate",
     "Example",
+    "ItemView",
     "PaddingSide",
     "Tokenized",
+    "TokenizedSet",
+    "batch_plan",
     "collate",
     "read_examples",
     "render_tulu",
@@ -36,4 +41,5 @@ __all__ = [
     "token_budget_batches",
     "tokenize_example",
     "tokenize_examples",
+    "tokenized_set",
 ]

@@ -56,11 +56,17 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.sha256((json.dumps(head, default=str) + body).encode()).hexdigest()
 
 
-def cache_key(paths: Sequence[str], tokenizer: Any, max_seq_length: int, template: str, task: str | None) -> str:
+def rows_key(paths: Sequence[str], task: str | None) -> str:
+    """The parsed rows' cache key: the data's content and the default task."""
     from poise.version import __version__
 
-    parts = [FORMAT, __version__, [source_digest(p) for p in paths], task, tokenizer_digest(tokenizer), template,
-             max_seq_length]
+    parts = [FORMAT, __version__, [source_digest(p) for p in paths], task]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+def cache_key(rows: str, tokenizer: Any, max_seq_length: int, template: str) -> str:
+    """The tokenised set's cache key: its parsed rows' key, the tokenizer, the template and the length."""
+    parts = [rows, tokenizer_digest(tokenizer), template, max_seq_length]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
@@ -129,6 +135,27 @@ class TokenizedSet:
             warn(f"... and {len(out) - MAX_WARNINGS} more examples excluded for having no target token")
 
 
+class IdRows:
+    """The kept examples' {"id", "task"} rows: sized and iterable, read in chunks (the features' ids.jsonl)."""
+
+    def __init__(self, data: TokenizedSet) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.data.columns(["id", "task"])
+
+    def digest(self) -> str:
+        """sha256 of the rows as the JSON list `json.dumps(rows, sort_keys=True)` would write, streamed."""
+        digest = hashlib.sha256(b"[")
+        for k, row in enumerate(self):
+            digest.update(((", " if k else "") + json.dumps(row, sort_keys=True)).encode())
+        digest.update(b"]")
+        return digest.hexdigest()
+
+
 class ItemView:
     """A sequence of `Tokenized` over some positions of a set (what the Trainer's data set indexes)."""
 
@@ -152,18 +179,84 @@ def tokenized_set(paths: Sequence[str | os.PathLike], tokenizer: Any, max_seq_le
     `report` warns about the examples left out (and raises if all are); `progress` shows the build's progress.
     """
     _Encoder(tokenizer, template, max_seq_length)  # a bad length or template: one line before any work
-    paths = [str(p) for p in paths]
-    if not paths:
-        raise PoiseError("no data to tokenize")
-    folder = cache_dir() / "tokenized" / cache_key(paths, tokenizer, max_seq_length, template, task)
+    rows = parsed_rows(paths, task)
+    folder = cache_dir() / "tokenized" / cache_key(rows.key, tokenizer, max_seq_length, template)
     if not _complete(folder):
         with exclusive(folder.with_name(folder.name + ".lock")):
             if not _complete(folder):  # another process may have built it while this one waited
-                _build(folder, paths, tokenizer, max_seq_length, template, task, progress)
+                _build(folder, rows, tokenizer, max_seq_length, template, progress)
     data = _open(folder)
     if report:
         data.report_excluded()
     return data
+
+
+class ParsedRows:
+    """The examples of some data files, parsed (every format, every error message) into Arrow files in poise's
+    cache: no tokenizer needed, so a stage checks its data, and counts it, before loading anything else."""
+
+    def __init__(self, folder: Path, meta: dict) -> None:
+        self.folder, self.meta, self.key = folder, meta, folder.name
+
+    def __len__(self) -> int:
+        return int(self.meta["examples"])
+
+    def table(self) -> Any:
+        import datasets
+
+        parts = [datasets.Dataset.from_file(str(self.folder / name)) for name in self.meta["files"]]
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+    def column(self, name: str, chunk: int = 100_000) -> Iterator[Any]:
+        """One column's values in data order, read in chunks."""
+        table = self.table().select_columns([name])
+        for start in range(0, len(table), chunk):
+            yield from table[start:start + chunk][name]
+
+
+def parsed_rows(paths: Sequence[str | os.PathLike], task: str | None = None) -> ParsedRows:
+    """The parsed examples of `paths` (read as `read_examples` reads each), from the cache or parsed into it."""
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise PoiseError("no data to read")
+    folder = cache_dir() / "rows" / rows_key(paths, task)
+    if not _complete(folder):
+        with exclusive(folder.with_name(folder.name + ".lock")):
+            if not _complete(folder):
+                _parse_into(folder, paths, task)
+    return ParsedRows(folder, read_json(folder / META_FILE))
+
+
+def _parse_into(folder: Path, paths: Sequence[str], task: str | None) -> None:
+    started = time.monotonic()
+    partial = _fresh_partial(folder)
+    files, counts = [], []
+    for k, source in enumerate(paths):
+        row_file = partial / f"rows-{k}.arrow"
+        counts.append(_write_rows(row_file, source, task))
+        _check_unique(row_file)
+        files.append(row_file.name)
+    meta = {"format": FORMAT, "files": files, "examples": sum(counts), "per_source": counts, "sources": list(paths),
+            "task": task, "seconds": round(time.monotonic() - started, 1)}
+    _finish(partial, folder, meta)
+    if meta["examples"] >= PROGRESS_FROM:
+        print(f"poise: read {meta['examples']:,} examples in {meta['seconds']:.0f}s: {human_size(disk_size(folder))} "
+              f"cached in {folder}", file=sys.stderr, flush=True)
+
+
+def _fresh_partial(folder: Path) -> Path:
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():  # left by a killed build (this process holds the lock)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _finish(partial: Path, folder: Path, meta: dict) -> None:
+    atomic_write_json(partial / META_FILE, meta)  # last: a folder with meta.json is complete
+    if folder.exists():
+        shutil.rmtree(folder)
+    partial.rename(folder)
 
 
 def _complete(folder: Path) -> bool:
@@ -269,24 +362,14 @@ def processes(n_examples: int) -> int:
     return max(1, min(os.cpu_count() or 1, 8, n_examples // 5000))
 
 
-def _build(folder: Path, paths: Sequence[str], tokenizer: Any, max_seq_length: int, template: ChatTemplate,
-           task: str | None, progress: bool) -> None:
+def _build(folder: Path, parsed: ParsedRows, tokenizer: Any, max_seq_length: int, template: ChatTemplate,
+           progress: bool) -> None:
     import datasets
     from datasets.utils import logging as datasets_logging
 
     started = time.monotonic()
-    partial = folder.with_name(folder.name + ".partial")
-    if partial.exists():  # left by a killed build (this process holds the lock)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    row_files = []
-    for k, source in enumerate(paths):
-        row_file = partial / f"rows-{k}.arrow"
-        _write_rows(row_file, source, task)
-        _check_unique(row_file)
-        row_files.append(row_file)
-    parts = [datasets.Dataset.from_file(str(f)) for f in row_files]
-    rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    partial = _fresh_partial(folder)
+    rows = parsed.table()
     n = len(rows)
     procs = min(processes(n), max(1, n // MAP_BATCH))
     print(f"poise: tokenize: {n:,} examples with {procs} process{'es' if procs > 1 else ''} into poise's cache "
@@ -310,17 +393,13 @@ def _build(folder: Path, paths: Sequence[str], tokenizer: Any, max_seq_length: i
     shards = [Path(entry["filename"]).name for entry in tokens.cache_files]
     lengths = np.asarray(tokens.data.column("length").to_numpy(), dtype=np.int64)
     kept = np.asarray(tokens.data.column("n_targets").to_numpy()) > 0
-    del tokens, rows, parts
-    for row_file in row_files:
-        row_file.unlink()
+    del tokens, rows
     meta = {"format": FORMAT, "shards": shards, "examples": n, "kept": int(kept.sum()),
-            "tokens": int(lengths[kept].sum()), "sources": list(paths), "task": task, "template": template,
-            "max_seq_length": max_seq_length, "tokenizer": getattr(tokenizer, "name_or_path", ""),
-            "processes": procs, "seconds": round(time.monotonic() - started, 1)}
-    atomic_write_json(partial / META_FILE, meta)
-    if folder.exists():
-        shutil.rmtree(folder)
-    partial.rename(folder)
+            "tokens": int(lengths[kept].sum()), "rows": parsed.key, "sources": parsed.meta["sources"],
+            "task": parsed.meta["task"], "template": template, "max_seq_length": max_seq_length,
+            "tokenizer": getattr(tokenizer, "name_or_path", ""), "processes": procs,
+            "seconds": round(time.monotonic() - started, 1)}
+    _finish(partial, folder, meta)
     print(f"poise: tokenize: {n:,} examples ({meta['tokens']:,} tokens, {n - meta['kept']:,} without a target) in "
           f"{meta['seconds']:.0f}s: {human_size(disk_size(folder))} cached in {folder} (set POISE_CACHE to keep "
           "poise's cache elsewhere)", file=sys.stderr, flush=True)

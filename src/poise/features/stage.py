@@ -12,12 +12,8 @@ as in one process) and write their rows of one shared memmap. Finished batches a
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from poise import distributed
 from poise.checkpoint import base_model, read_moments
@@ -27,15 +23,12 @@ from poise.features.store import FeatureStore
 from poise.provenance import open_folder
 
 
-def _ids_digest(ids: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def run_features(config: FeaturesConfig) -> Path:
     """Compute the features folder `config.out` (resuming an interrupted run with the same settings)."""
     import torch
 
-    from poise.data import collate, read_examples, token_budget_batches, tokenize_examples
+    from poise.data import batch_plan, collate, tokenized_set
+    from poise.data.tokenized import IdRows
     from poise.features.capture import backward_per_example, capture_lora_gradients, lora_linear_modules
     from poise.features.precondition import adam_direction
     from poise.features.projection import make_projector
@@ -57,14 +50,13 @@ def run_features(config: FeaturesConfig) -> Path:
 
     distributed.init(config.device)
     device = distributed.device_for_rank(config.device)
-    examples = [e for path in config.data for e in read_examples(path, task=config.task)]
     tokenizer = load_tokenizer(model_name)
-    kept, tokenized, _excluded = tokenize_examples(
-        examples, tokenizer, config.max_seq_length, template=config.template, progress=distributed.is_main()
-    )
-    ids = [{"id": examples[i].id, "task": examples[i].task} for i in kept]
+    # the tokens on disk (built once, memory-mapped): this process holds only the kept rows and their lengths
+    data = tokenized_set(config.data, tokenizer, config.max_seq_length, template=config.template, task=config.task,
+                         progress=distributed.is_main())
+    ids = IdRows(data)
     # before the model is loaded: a folder made with other settings (or other data) is refused here
-    opened = open_folder(config.out, "features", config, extra={"model": model_name, "ids": _ids_digest(ids)},
+    opened = open_folder(config.out, "features", config, extra={"model": model_name, "ids": ids.digest()},
                          collective=True)
 
     model = load_model(model_name, dtype=config.dtype, device=device)
@@ -77,7 +69,7 @@ def run_features(config: FeaturesConfig) -> Path:
         "model": model_name,
         "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
         "data": [str(Path(p).resolve()) if Path(p).exists() else p for p in config.data],  # a path, or a hub id
-        "ids": _ids_digest(ids),
+        "ids": ids.digest(),
         "max_seq_length": config.max_seq_length,
         "template": config.template,
         "dtype": config.dtype,
@@ -110,7 +102,7 @@ def run_features(config: FeaturesConfig) -> Path:
 
     store = FeatureStore.open(opened.folder, settings, ids, dim, dtype=config.output_dtype, resume=opened.resumed)
 
-    batches = token_budget_batches([len(t.input_ids) for t in tokenized], config.max_tokens, config.max_batch_size)
+    batches = batch_plan(data.lengths, config.max_tokens, config.max_batch_size)
     done = store.done_batches()
     world, rank = distributed.world_size(), distributed.rank()
     assigned = [k for k in range(len(batches)) if k % world == rank]
@@ -121,20 +113,19 @@ def run_features(config: FeaturesConfig) -> Path:
     from poise.progress import note, track
 
     main = distributed.is_main()
-    n_done = sum(len(batches[k]) for k in range(len(batches)) if k in done)
+    n_done = sum(batches.size(k) for k in done if k < len(batches))
     if main and not mine and len(done) == len(batches):
         note(f"features: {config.out} is already complete ({len(ids)} examples); nothing to do")
     elif main and done:
         note(f"features: resuming at {n_done} of {len(ids)} examples ({len(done)} of {len(batches)} batches "
              f"were done)")
     label = f"features ({config.kind})" + (f" rank {rank}/{world}" if world > 1 else "")
-    total = sum(len(batches[k]) for k in assigned)
-    finished_here = sum(len(batches[k]) for k in assigned if k in done)
+    total = sum(batches.size(k) for k in assigned)
+    finished_here = sum(batches.size(k) for k in assigned if k in done)
     with track(label, total, unit="examples", done=finished_here, enabled=main and bool(mine)) as progress:
         for k in mine:
             rows = batches[k]
-            batch = {key: value.to(device) for key, value in
-                     collate([tokenized[i] for i in rows], pad_id, padding_side).items()}
+            batch = {key: value.to(device) for key, value in collate(data.items(rows), pad_id, padding_side).items()}
             if config.kind == "reps":
                 values = _representations(model, batch, config.pooling)
             else:
@@ -153,7 +144,7 @@ def run_features(config: FeaturesConfig) -> Path:
                 values = out
                 if config.projection != "none":
                     values = torch.nn.functional.normalize(values, dim=1)
-            store.write_batch(k, np.asarray(rows, dtype=np.int64), values.detach().cpu().numpy())
+            store.write_batch(k, rows, values.detach().cpu().numpy())
             progress.advance(len(rows), tokens=int(batch["attention_mask"].sum()))
     complete = store.finish(len(batches))
     if not complete:  # pragma: no cover - only when another rank failed
