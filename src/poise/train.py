@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
@@ -34,7 +35,8 @@ from transformers.utils import logging as hf_logging
 
 from poise import distributed, provenance
 from poise.config import LoraTrainingConfig, TrainConfig, validate
-from poise.data import collate, read_examples, tokenize_examples
+from poise.data import ItemView, collate, tokenized_set
+from poise.data.tokenized import parsed_rows
 from poise.errors import PoiseError
 from poise.faults import maybe_kill
 from poise.files import SELECTED_FILE, SELECTION_FILE, TRAIN_LOG_FILE, TRAIN_SUMMARY_FILE
@@ -301,16 +303,17 @@ def train_lora(config: LoraTrainingConfig, tokenizer: Any, tokenized: Sequence[A
 
 
 # --------------------------------------------------------------------------------- train on a selection
-def selection_examples(selection: str, pool: str | None) -> list[Any]:
-    """The examples a selection names: its `selected.jsonl`, or its picks taken from `pool`; or a data file."""
+def selection_source(selection: str, pool: str | None) -> tuple[str, np.ndarray | None]:
+    """What a selection names: (a data file or folder, None), or (the pool, the picked pool rows). Checked before
+    any model is loaded: a folder that is none of these, picks without a pool, picks past the pool's end."""
     path = Path(selection)
     if not path.is_dir():
-        return read_examples(selection)
+        return selection, None
     if (path / SELECTED_FILE).is_file() and pool is None:
-        return read_examples(path / SELECTED_FILE)
+        return str(path / SELECTED_FILE), None
     if not (path / SELECTION_FILE).is_file():
         if any(path.glob("*.jsonl")):
-            return read_examples(path)  # a folder of data files
+            return selection, None  # a folder of data files
         raise PoiseError(f"{path}: neither a selection folder ({SELECTION_FILE}) nor a folder of data files")
     if pool is None:
         raise PoiseError(f"{path}: no {SELECTED_FILE}; pass --pool (the pool in matrix row order) to take the picks "
@@ -318,10 +321,10 @@ def selection_examples(selection: str, pool: str | None) -> list[Any]:
     picks = read_json(path / SELECTION_FILE).get("indices")
     if not isinstance(picks, list) or not picks:
         raise PoiseError(f"{path / SELECTION_FILE}: no 'indices' (the picked rows)")
-    rows = read_examples(pool)
-    if max(picks) >= len(rows):
-        raise PoiseError(f"{path / SELECTION_FILE}: picks row {max(picks)}, but {pool} has {len(rows)} rows")
-    return [rows[i] for i in picks]
+    n_pool = len(parsed_rows([pool]))
+    if max(picks) >= n_pool:
+        raise PoiseError(f"{path / SELECTION_FILE}: picks row {max(picks)}, but {pool} has {n_pool} rows")
+    return pool, np.asarray(picks, dtype=np.int64)
 
 
 def run_train(config: TrainConfig) -> Path:
@@ -334,9 +337,8 @@ def run_train(config: TrainConfig) -> Path:
     from poise.model import load_tokenizer
 
     check_settings(config)
-    examples = selection_examples(str(config.selection), config.pool)  # before any model is loaded
-    if not examples:
-        raise PoiseError(f"{config.selection}: no examples")
+    source, picks = selection_source(str(config.selection), config.pool)  # before any model is loaded
+    parsed_rows([source])  # every row read and checked (and cached) before any model is loaded
     planned_targets(str(config.model), config.target_modules)  # LoRA targets that fit the model, before any work
     distributed.init(config.device)
     opened = provenance.open_folder(config.out, STAGE, config, collective=True)
@@ -348,11 +350,26 @@ def run_train(config: TrainConfig) -> Path:
         return out
 
     tokenizer = load_tokenizer(str(config.model))
-    kept, tokenized, _ = tokenize_examples(examples, tokenizer, config.max_seq_length, template=config.template,
-                                           progress=main)
-    ids = [examples[i].id for i in kept]
-    provenance.update(out, examples={"given": len(examples), "trained": len(ids),
-                                     "digest": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]})
+    data = tokenized_set([source], tokenizer, config.max_seq_length, template=config.template, progress=main,
+                         report=picks is None)
+    if picks is None:
+        positions, given = np.arange(len(data)), data.n_rows
+    else:  # the picked pool rows that have a target token, in the selection's order
+        position = np.full(data.n_rows, -1, dtype=np.int64)
+        position[data.rows] = np.arange(len(data))
+        positions, given = position[picks], len(picks)
+        if main:
+            data.report_excluded(picks[positions < 0], fatal=False)
+        positions = positions[positions >= 0]
+        if not len(positions):
+            raise PoiseError(f"{config.selection}: none of the {given} picked examples has a target token within "
+                             f"max_seq_length {config.max_seq_length}")
+    hashed = hashlib.sha256(b"[")  # of the ids as json.dumps(list) writes them, streamed
+    for k, row in enumerate(data.columns(["id"], positions)):
+        hashed.update(((", " if k else "") + json.dumps(row["id"])).encode())
+    hashed.update(b"]")
+    provenance.update(out, examples={"given": given, "trained": len(positions), "digest": hashed.hexdigest()[:16]})
+    tokenized = ItemView(data, positions)
     model = train_lora(config, tokenizer, tokenized, out, STAGE)
     if main:
         tmp = out / ".adapter.partial"

@@ -16,10 +16,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from poise import distributed, provenance
 from poise.checkpoint import is_complete_checkpoint, optimizer_moments, write_checkpoint
 from poise.config import WarmupConfig
-from poise.data import read_examples, tokenize_examples
+from poise.data import ItemView, tokenized_set
+from poise.data.tokenized import parsed_rows
 from poise.errors import PoiseError, warn
 from poise.files import EXAMPLES_FILE
 from poise.io import atomic_write_lines
@@ -31,12 +34,10 @@ STAGE = "warmup"
 WARMUP_SOURCE = "poise warmup"
 
 
-def subset_indices(n_pool: int, count: int, seed: int) -> list[int]:
+def subset_indices(n_pool: int, count: int, seed: int) -> np.ndarray:
     """`count` distinct pool indices drawn uniformly with `seed`, in pool order."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
-    return sorted(int(i) for i in rng.choice(n_pool, size=count, replace=False))
+    return np.sort(rng.choice(n_pool, size=count, replace=False)).astype(np.int64)
 
 
 def warmup_count(n_pool: int, config: WarmupConfig) -> int:
@@ -80,10 +81,8 @@ def run_warmup(config: WarmupConfig) -> list[Path]:
     """
     check_settings(config)
     # the data first: a missing file or a warmup set too small to train on is said before any model is loaded
-    examples = [e for path in config.data for e in read_examples(path)]
-    if not examples:
-        raise PoiseError(f"no examples in {', '.join(config.data)}")
-    count = warmup_count(len(examples), config)
+    pool = parsed_rows(config.data)  # parsed once into poise's cache: every row checked, counted, nothing held
+    count = warmup_count(len(pool), config)
     planned_targets(str(config.model), config.target_modules)  # LoRA targets that fit the model, before any work
 
     distributed.init(config.device)
@@ -96,27 +95,36 @@ def run_warmup(config: WarmupConfig) -> list[Path]:
         if distributed.is_main():
             note(f"warmup: {out} is already complete ({config.epochs} checkpoints); nothing to do")
         return checkpoints
-    _train(config, out, checkpoints, examples, count)
+    _train(config, out, checkpoints, len(pool), count)
     provenance.mark_complete(out)
     distributed.barrier()
     return checkpoints
 
 
-def _train(config: WarmupConfig, out: Path, checkpoints: list[Path], examples: list[Any], count: int) -> None:
+def _train(config: WarmupConfig, out: Path, checkpoints: list[Path], n_pool: int, count: int) -> None:
     from poise.lora import adaptation
     from poise.model import load_tokenizer  # here: the tests replace it to see that nothing loads it too early
 
-    # the warmup examples: a seeded random part of the pool, tokenised
-    chosen = [examples[i] for i in subset_indices(len(examples), count, config.seed)]
+    # the warmup examples: a seeded random part of the pool, tokenised (the pool's tokens, memory-mapped)
     tokenizer = load_tokenizer(str(config.model))
-    kept, tokenized, _excluded = tokenize_examples(chosen, tokenizer, config.max_seq_length,
-                                                   template=config.template, progress=distributed.is_main())
-    ids = [chosen[i].id for i in kept]
-    digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
-    n = len(tokenized)
+    data = tokenized_set(config.data, tokenizer, config.max_seq_length, template=config.template,
+                         progress=distributed.is_main(), report=False)
+    chosen = subset_indices(n_pool, count, config.seed)  # rows of the pool
+    position = np.full(data.n_rows, -1, dtype=np.int64)
+    position[data.rows] = np.arange(len(data))
+    positions = position[chosen]
+    if distributed.is_main():
+        data.report_excluded(chosen[positions < 0], fatal=False)
+    positions = positions[positions >= 0]
+    n = len(positions)
     if n == 0:
         raise PoiseError(f"none of the {count} warmup examples has a target token within --max-seq-length "
                          f"{config.max_seq_length}")
+    hashed = hashlib.sha256(b"[")  # of the ids as json.dumps(list) writes them, streamed
+    for k, row in enumerate(data.columns(["id"], positions)):
+        hashed.update(((", " if k else "") + json.dumps(row["id"])).encode())
+    hashed.update(b"]")
+    digest = hashed.hexdigest()[:16]
     steps_per_epoch, total_steps, n_warmup = schedule(n, config)
 
     # a resumed folder: its checkpoints must have been trained on these examples
@@ -126,11 +134,12 @@ def _train(config: WarmupConfig, out: Path, checkpoints: list[Path], examples: l
                          "output folder or overwrite")
     distributed.barrier()  # every rank has read arguments.json before rank 0 adds to it
     if distributed.is_main():
-        provenance.update(out, examples={"pool": len(examples), "chosen": count, "trained": n, "digest": digest,
+        provenance.update(out, examples={"pool": n_pool, "chosen": count, "trained": n, "digest": digest,
                                          "file": EXAMPLES_FILE},
                           schedule={"steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                                     "warmup_steps": n_warmup})
-        atomic_write_lines(out / EXAMPLES_FILE, (json.dumps({"id": i}) for i in ids))
+        atomic_write_lines(out / EXAMPLES_FILE,
+                           (json.dumps({"id": row["id"]}) for row in data.columns(["id"], positions)))
     distributed.barrier()
 
     def save_epoch(epoch: int, step: int, rates: list[float], losses: list[float], model: Any,
@@ -151,4 +160,4 @@ def _train(config: WarmupConfig, out: Path, checkpoints: list[Path], examples: l
         write_checkpoint(checkpoints[epoch - 1], lambda tmp: model.save_pretrained(str(tmp)),
                          optimizer_moments(model, optimizer), info)
 
-    train_lora(config, tokenizer, tokenized, out, STAGE, on_epoch_end=save_epoch)
+    train_lora(config, tokenizer, ItemView(data, positions), out, STAGE, on_epoch_end=save_epoch)

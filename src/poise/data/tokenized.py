@@ -120,13 +120,14 @@ class TokenizedSet:
         block = self.table.select_columns(["where", "id", "reason"])[out]
         return list(zip(block["where"], block["id"], block["reason"], strict=True))
 
-    def report_excluded(self) -> None:
-        """Warn about the examples left out, as `tokenize_examples` does; all left out is an error."""
-        out = np.flatnonzero(self.n_targets == 0)
+    def report_excluded(self, rows: np.ndarray | None = None, fatal: bool = True) -> None:
+        """Warn about the examples left out (of all, or of the table `rows` given), as `tokenize_examples` does;
+        with `fatal`, all of them left out is an error."""
+        out = np.flatnonzero(self.n_targets == 0) if rows is None else rows[self.n_targets[rows] == 0]
         if not len(out):
             return
         shown = self.table.select_columns(["where", "id", "reason"])[out[:MAX_WARNINGS]]
-        if not len(self.rows):
+        if fatal and not len(self.rows):
             raise PoiseError(f"all {self.n_rows} examples were excluded; the first, {shown['where'][0]} "
                              f"(id '{shown['id'][0]}'): {shown['reason'][0]}")
         for where, example_id, reason in zip(shown["where"], shown["id"], shown["reason"], strict=True):
