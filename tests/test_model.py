@@ -281,24 +281,3 @@ def test_shared_models_load_once_and_hand_out_independent_copies(tmp_path, monke
                                  strict=True):
         assert torch.equal(a, b), name
     assert len(loads) == 2  # outside the block every call loads
-
-
-def test_tokenization_cache_tokenizes_each_data_set_once_and_keys_on_content(tmp_path, monkeypatch) -> None:
-    import poise.data.templates as templates
-    from poise.data import read_examples, tokenize_examples
-    from poise.model import load_tokenizer
-
-    folder = write_model(tmp_path / "model")
-    tokenizer = load_tokenizer(str(folder))
-    examples = read_examples(write_pool(tmp_path / "pool.jsonl", 6))
-    calls = []
-    real = templates._tokenize
-    monkeypatch.setattr(templates, "_tokenize", lambda *a: calls.append(1) or real(*a))
-    with templates.tokenization_cache():
-        kept, first, _ = tokenize_examples(examples, tokenizer, 64, progress=False)
-        again = tokenize_examples(examples, tokenizer, 64, progress=False)
-        tokenize_examples(examples, tokenizer, 32, progress=False)  # another length: tokenised again
-        changed = [*examples[:-1], read_examples(write_pool(tmp_path / "other.jsonl", 7))[-1]]
-        tokenize_examples(changed, tokenizer, 64, progress=False)  # other content: tokenised again
-    assert len(calls) == 3
-    assert again[0] == kept and [t.input_ids for t in again[1]] == [t.input_ids for t in first]

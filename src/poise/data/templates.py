@@ -25,10 +25,7 @@ silently keeps them and gives them identical nonzero Adam features (docs/design.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -104,46 +101,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
     """
     if not examples:
         raise PoiseError("no examples to tokenize")
-    key = _cache_key(examples, tokenizer, max_seq_length, template) if _TOKENIZED is not None else None
-    if key is not None and key in _TOKENIZED:
-        kept, tokenized, excluded = _TOKENIZED[key]
-        return list(kept), list(tokenized), list(excluded)
-    result = _tokenize(examples, tokenizer, max_seq_length, template, progress)
-    if key is not None:
-        _TOKENIZED[key] = result
-    return list(result[0]), list(result[1]), list(result[2])
-
-
-#: Within `tokenization_cache()`: (data, tokenizer, template, max length) -> `tokenize_examples`'s result.
-_TOKENIZED: dict[str, tuple] | None = None
-
-
-@contextlib.contextmanager
-def tokenization_cache() -> Iterator[None]:
-    """Within the block, the same examples with the same tokenizer, template and length are tokenised once.
-
-    `poise run` wraps its stages in this (the pool is read by warmup and by the features of every
-    checkpoint). The key is the examples' content, so an edited file is never served stale tokens.
-    """
-    global _TOKENIZED
-    outer = _TOKENIZED
-    _TOKENIZED = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _TOKENIZED = outer
-
-
-def _cache_key(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_seq_length: int,
-               template: str) -> str:
-    digest = hashlib.sha256()
-    vocab = getattr(tokenizer, "vocab_size", None)
-    head = [getattr(tokenizer, "name_or_path", ""), vocab, len(tokenizer), getattr(tokenizer, "chat_template", None),
-            tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, max_seq_length, template]
-    digest.update(json.dumps(head, default=str).encode())
-    for example in examples:
-        digest.update(json.dumps([example.messages, example.input_ids, example.labels]).encode())
-    return digest.hexdigest()
+    return _tokenize(examples, tokenizer, max_seq_length, template, progress)
 
 
 def _tokenize(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_seq_length: int,

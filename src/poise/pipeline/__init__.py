@@ -16,9 +16,9 @@ changed setting reruns its stage and everything after it that depends on it, and
 
 Everything that can be checked without a model is checked first (unknown keys with the closest valid
 one, missing files, budgets, empty tasks, method names, evaluation tasks without validation data and
-the reverse). The stages share one model load and one tokenisation per data set (`shared_models`,
-`tokenization_cache`). Under torchrun, warmup, features and training run on every rank and the rest on
-rank 0.
+the reverse). The stages share one model load (`shared_models`) and one tokenised set per data set (built
+once into poise's cache, memory-mapped by every stage: `poise.data.tokenized`). Under torchrun, warmup,
+features and training run on every rank and the rest on rank 0.
 """
 
 from __future__ import annotations

@@ -130,13 +130,12 @@ def run(config: str | os.PathLike | RunConfig | dict, *, overrides: Sequence[str
         note(f"run: {out}: {len(units)} units in {len(STAGES) - 1} stages; pool {inputs.n_pool} examples, "
              f"tasks {', '.join(inputs.tasks)}")
 
-    from poise.data.templates import tokenization_cache
     from poise.model import shared_models
 
     prints = {}
     state["total_units"] = len(units) + (1 if config.demo_data is not None else 0)
     try:
-        with shared_models(), tokenization_cache():
+        with shared_models():
             reachable = [u for u in units if reached(u.stage)]
             _execute(reachable, prints, state, out, actions, forced)
     finally:

@@ -53,20 +53,15 @@ def _data_files(entries: Sequence[str], what: str) -> list[Path]:
 def check_inputs(config: RunConfig, pool: str, validation: str, evaluation: str | None) -> Inputs:
     """Read and check every input file (no model): one error line naming the file or key."""
     from poise.data import read_examples
+    from poise.data.tokenized import parsed_rows
     from poise.evaluate import read_items
     from poise.selection.registry import parse_budget
 
     pool_path = Path(pool)
     if not pool_path.exists():
         raise PoiseError(f"pool: {pool}: no such file or folder")
-    examples = read_examples(pool)
-    if not examples:
-        raise PoiseError(f"pool: {pool}: no examples")
-    ids = [e.id for e in examples]
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        twice = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-        raise PoiseError(f"pool: {pool}: the id {twice!r} appears twice (rows must have unique ids)")
+    # parsed once into poise's cache (every row checked, ids unique), counted; warmup and features reuse it
+    n_pool = len(parsed_rows([pool]))
     if not Path(validation).is_dir():
         raise PoiseError(f"validation: {validation}: not a folder (one JSONL file per task)")
     val_files = _data_files([validation], "validation")
@@ -91,11 +86,11 @@ def check_inputs(config: RunConfig, pool: str, validation: str, evaluation: str 
                              f"(expected {Path(evaluation) / (only_val[0] + '.jsonl')})")
     for budget in config.section("select")["budgets"]:
         try:
-            parse_budget(budget, len(examples))
+            parse_budget(budget, n_pool)
         except PoiseError as exc:
             raise PoiseError(f"select.budgets: {exc}") from None
     digests = {"pool": _digest_files([pool_path] if pool_path.is_file() else sorted(pool_path.rglob("*.*"))),
                "validation": _digest_files(val_files)}
     if eval_files:
         digests["evaluation"] = _digest_files(list(eval_files.values()))
-    return Inputs(pool_path, len(examples), [validation], tasks, eval_files, digests)
+    return Inputs(pool_path, n_pool, [validation], tasks, eval_files, digests)
