@@ -78,6 +78,7 @@ class TokenizedSet:
     def __init__(self, folder: Path, table: Any, meta: dict) -> None:
         self.folder, self.table, self.meta = folder, table, meta
         arrow = table.data
+        self._arrow = arrow.table  # the pyarrow table over the memory-mapped files: `take` reads only the rows asked
         self.n_targets = arrow.column("n_targets").to_numpy()
         self.rows = np.flatnonzero(self.n_targets > 0)  # int64 table rows of the kept examples
         self.lengths = arrow.column("length").to_numpy()[self.rows].astype(np.int64)
@@ -96,8 +97,12 @@ class TokenizedSet:
 
     def items(self, positions: Sequence[int] | np.ndarray) -> list[Tokenized]:
         """The kept examples at `positions` (0..len-1), read from the memory map."""
-        picked = self.table.select_columns(["input_ids", "labels"])[self.rows[np.asarray(positions, dtype=np.int64)]]
+        picked = self._take(["input_ids", "labels"], self.rows[np.asarray(positions, dtype=np.int64)])
         return [Tokenized(ids, labels) for ids, labels in zip(picked["input_ids"], picked["labels"], strict=True)]
+
+    def _take(self, names: Sequence[str], rows: np.ndarray) -> dict[str, list]:
+        block = self._arrow.select(list(names)).take(rows)
+        return {name: block.column(name).to_pylist() for name in names}
 
     def item(self, position: int) -> Tokenized:
         return self.items([position])[0]
@@ -106,9 +111,8 @@ class TokenizedSet:
                 chunk: int = 50_000) -> Iterator[dict[str, Any]]:
         """Rows of the kept examples (all, or those at `positions`) as dicts of `names`, read in chunks."""
         rows = self.rows if positions is None else self.rows[np.asarray(positions, dtype=np.int64)]
-        view = self.table.select_columns(list(names))
         for start in range(0, len(rows), chunk):
-            block = view[rows[start:start + chunk]]
+            block = self._take(names, rows[start:start + chunk])
             yield from (dict(zip(names, values, strict=True)) for values in zip(*(block[n] for n in names),
                                                                                strict=True))
 
@@ -117,7 +121,7 @@ class TokenizedSet:
         out = np.flatnonzero(self.n_targets == 0)
         if not len(out):
             return []
-        block = self.table.select_columns(["where", "id", "reason"])[out]
+        block = self._take(["where", "id", "reason"], out)
         return list(zip(block["where"], block["id"], block["reason"], strict=True))
 
     def report_excluded(self, rows: np.ndarray | None = None, fatal: bool = True) -> None:
@@ -126,7 +130,7 @@ class TokenizedSet:
         out = np.flatnonzero(self.n_targets == 0) if rows is None else rows[self.n_targets[rows] == 0]
         if not len(out):
             return
-        shown = self.table.select_columns(["where", "id", "reason"])[out[:MAX_WARNINGS]]
+        shown = self._take(["where", "id", "reason"], out[:MAX_WARNINGS])
         if fatal and not len(self.rows):
             raise PoiseError(f"all {self.n_rows} examples were excluded; the first, {shown['where'][0]} "
                              f"(id '{shown['id'][0]}'): {shown['reason'][0]}")
