@@ -245,6 +245,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_stage", choices=STAGES, metavar="STAGE",
                         help=f"rerun this stage and every later one even when up to date ({', '.join(STAGES)})")
     parser.add_argument("--until", choices=STAGES, metavar="STAGE", help="stop after this stage")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the units, tokens, disk and time each stage will take (estimates) and run nothing")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -253,7 +255,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from poise import distributed
     from poise.pipeline import run, summarize
 
-    result = run(args.config, overrides=args.overrides, from_stage=args.from_stage, until=args.until)
+    result = run(args.config, overrides=args.overrides, from_stage=args.from_stage, until=args.until,
+                 plan=args.plan)
+    if args.plan:
+        return 0
     if distributed.is_main():
         summarize(result, Console(soft_wrap=True))
     return 0

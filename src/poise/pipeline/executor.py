@@ -69,11 +69,12 @@ def _stage_index(name: str | None, flag: str) -> int | None:
 
 
 def run(config: str | os.PathLike | RunConfig | dict, *, overrides: Sequence[str] = (), from_stage: str | None = None,
-        until: str | None = None) -> RunResult:
+        until: str | None = None, plan: bool = False) -> RunResult:
     """Run the pipeline (see the module docstring); returns what was done.
 
     `config` is a YAML file, a `RunConfig` or a mapping as in the file. `from_stage` reruns that stage and
     every later one even when up to date; `until` stops after that stage. `summarize` prints the outcome.
+    `plan` prints what would run (tokens, disk, time per stage: `estimate.py`) and runs nothing.
     """
     from poise.progress import note
 
@@ -122,6 +123,16 @@ def run(config: str | os.PathLike | RunConfig | dict, *, overrides: Sequence[str
             return RunResult(out, actions, time.perf_counter() - started)
     inputs = check_inputs(config, pool, validation, evaluation)  # type: ignore[arg-type]
     units = build_units(config, out, inputs)
+    if plan:
+        from rich.console import Console
+
+        from poise.pipeline.estimate import estimate_units, print_plan
+
+        planned = [u for u in units if reached(u.stage)]
+        estimates, speed = estimate_units(config, inputs, planned)
+        done = {u.name for u in planned if u.done() and not forced(u.stage)}
+        print_plan(estimates, speed, Console(stderr=False), done)
+        return RunResult(out, {u.name: "planned" for u in planned}, time.perf_counter() - started)
     state["inputs"] = {"pool": str(inputs.pool), "pool_rows": inputs.n_pool, "validation": str(validation),
                        "tasks": inputs.tasks, "evaluation": str(evaluation) if evaluation else None}
     if main:

@@ -31,6 +31,7 @@ class Unit:
     needs: list[str]
     run: Callable[[], Any]
     done: Callable[[], bool]
+    config: Any = None  # the stage's config (what `poise run --plan` estimates from)
 
 
 @dataclass
@@ -62,7 +63,8 @@ class _Plan:
             digests: dict[str, Any] | None = None) -> None:
         settings = {**provenance.settings(config), **(digests or {})}
         folder = self.run / name
-        self.units.append(Unit(stage, name, settings, list(needs), work, lambda: provenance.is_complete(folder)))
+        self.units.append(Unit(stage, name, settings, list(needs), work, lambda: provenance.is_complete(folder),
+                               config))
 
     def folder(self, name: str) -> str:
         return str(self.run / name)
