@@ -16,12 +16,24 @@ from poise.attribution import compute_attribution
 from poise.config import AttributeConfig, FeaturesConfig
 from poise.errors import PoiseError
 from poise.features.stage import run_features
+from poise.features.store import read_features
 from poise.matrix import load_attribution
+
+
+def stored_rows(folder: Path) -> np.ndarray:
+    """A features folder's rows as float32, read back from its store (float16 by default)."""
+    reader = read_features(folder)[0]
+    return reader.rows(0, reader.shape[0])
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict[str, Path]:
-    """Two checkpoints; train (adam) and validation (sgd) features of each; representations."""
+    """Two checkpoints; train (adam) and validation (sgd) features of each (the default float16 store);
+    representations."""
     root = tmp_path_factory.mktemp("attribute")
     model = write_model(root / "model")
     pool, val = write_pool(root / "pool.jsonl"), write_validation(root / "validation")
@@ -47,12 +59,14 @@ def test_attribution_is_the_lr_weighted_sum_of_cosines(run, tmp_path) -> None:
     out = compute_attribution(AttributeConfig(train=[str(run["train1"]), str(run["train2"])],
                                               val=[str(run["val1"]), str(run["val2"])], out=str(tmp_path / "a")))
     matrix = load_attribution(out)
-    t1, t2 = (np.load(run[f"train{k}"] / "features.npy") for k in (1, 2))
-    v1, v2 = (np.load(run[f"val{k}"] / "features.npy") for k in (1, 2))
+    assert json.loads((run["train1"] / "info.json").read_text())["store"] == "float16"
+    # float16 rows are unit vectors only to float16 precision: the cosine normalises them again
+    t1, t2, v1, v2 = (unit(stored_rows(run[name]).astype(np.float64)) for name in ("train1", "train2", "val1", "val2"))
     expected = 0.75 * (t1 @ v1.T) + 0.25 * (t2 @ v2.T)  # lr 3e-5 and 1e-5, normalised to sum 1
-    # float32 dot products of d terms, then the weighted sum: the bound of tests/tolerances.py
+    # float32 normalisation (d squares) and dot products of d terms, then the weighted sum: the bound of
+    # tests/tolerances.py
     abs_sums = 0.75 * (np.abs(t1) @ np.abs(v1).T) + 0.25 * (np.abs(t2) @ np.abs(v2).T)
-    assert_same_sums(matrix.scores, expected, abs_sums, n_terms=t1.shape[1] + 2)
+    assert_same_sums(matrix.scores, expected, abs_sums, n_terms=t1.shape[1] + 4)
     assert matrix.kind == "influence" and matrix.task_names == ["code", "math"]
     assert matrix.row_id(0) == "ex0" and matrix.n_rows == 24 and matrix.n_columns == 6
 
@@ -62,7 +76,7 @@ def test_streaming_over_row_chunks_gives_the_same_matrix(run, tmp_path) -> None:
     a = compute_attribution(AttributeConfig(**args, out=str(tmp_path / "a")))
     b = compute_attribution(AttributeConfig(**args, out=str(tmp_path / "b"), chunk_rows=5))
     # BLAS blocks differently for other chunk shapes: equal up to float32 rounding, not bit for bit
-    t, v = np.load(run["train1"] / "features.npy"), np.load(run["val1"] / "features.npy")
+    t, v = stored_rows(run["train1"]), stored_rows(run["val1"])
     assert_same_sums(np.load(a / "scores.npy"), np.load(b / "scores.npy"), np.abs(t) @ np.abs(v).T,
                      n_terms=t.shape[1])
 

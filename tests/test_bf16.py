@@ -46,7 +46,7 @@ def features(setup, kind: str, dtype: str) -> np.ndarray:
     out = setup["root"] / f"features-{kind}-{dtype}"
     run_features(FeaturesConfig(data=[str(setup["pool"])], out=str(out), checkpoint=str(setup["checkpoint"]),
                                 model=str(setup["model"]), kind=kind, dtype=dtype, projection="none",
-                                max_seq_length=64, device=DEVICE))
+                                max_seq_length=64, device=DEVICE, output_dtype="float32"))
     return np.load(out / "features.npy").astype(np.float64)
 
 

@@ -42,7 +42,9 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
 
 def features(setup, out: Path, **overrides) -> np.ndarray:
-    settings = {"model": str(setup["model"]), "projection": "none", "max_seq_length": 64, **overrides}
+    """float32 features (the store's default is float16): these tests check the gradients themselves."""
+    settings = {"model": str(setup["model"]), "projection": "none", "max_seq_length": 64, "output_dtype": "float32",
+                **overrides}
     config = FeaturesConfig(data=[str(setup["pool"])], out=str(out), checkpoint=str(setup["checkpoint"]), **settings)
     run_features(config)
     return np.load(out / "features.npy")
@@ -120,7 +122,7 @@ def test_batch_size_invariance_of_projected_features(setup, tmp_path) -> None:
 def test_ids_info_and_reps(setup, tmp_path) -> None:
     out = tmp_path / "reps"
     run_features(FeaturesConfig(data=[str(setup["validation"])], out=str(out), model=str(setup["model"]),
-                                kind="reps", max_seq_length=64))
+                                kind="reps", max_seq_length=64, output_dtype="float32"))
     reps = np.load(out / "features.npy")
     ids = [json.loads(line) for line in (out / "ids.jsonl").read_text().splitlines()]
     assert reps.shape == (6, 32) and {row["task"] for row in ids} == {"math", "code"}
@@ -141,22 +143,24 @@ def _feature_args(setup, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow  # an end-to-end run (make test-slow; CI runs it)
-def test_killed_run_restarted_gives_byte_identical_features(setup, tmp_path) -> None:
-    reference = _cli(*_feature_args(setup, tmp_path / "whole"))
+@pytest.mark.parametrize("store", ["float16", "int8"])
+def test_killed_run_restarted_gives_byte_identical_features(setup, tmp_path, store) -> None:
+    reference = _cli(*_feature_args(setup, tmp_path / "whole", "--output-dtype", store))
     assert reference.returncode == 0, reference.stderr
-    killed = _cli(*_feature_args(setup, tmp_path / "resumed"), env={"POISE_KILL_AT": "writes:4"})
+    killed = _cli(*_feature_args(setup, tmp_path / "resumed", "--output-dtype", store),
+                  env={"POISE_KILL_AT": "writes:4"})
     assert killed.returncode == -9  # SIGKILL, after 4 batches' rows were flushed, the 4th not yet logged
     logged = (tmp_path / "resumed" / "progress" / "rank-0.log").read_text().split()
     assert len(logged) == 3
     assert not json.loads((tmp_path / "resumed" / "info.json").read_text())["complete"]
-    resumed = _cli(*_feature_args(setup, tmp_path / "resumed"))
+    resumed = _cli(*_feature_args(setup, tmp_path / "resumed", "--output-dtype", store))
     assert resumed.returncode == 0, resumed.stderr
-    whole = (tmp_path / "whole" / "features.npy").read_bytes()
-    assert (tmp_path / "resumed" / "features.npy").read_bytes() == whole
+    for name in ("features.npy", "scales.npy") if store == "int8" else ("features.npy",):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     # said, not silent: where it resumed, progress lines in a log (no terminal here), and a finished folder
     assert "poise: features: resuming at " in resumed.stderr and "(3 of " in resumed.stderr
     assert "examples (100%)" in reference.stderr and "tokens/s" in reference.stderr
-    again = _cli(*_feature_args(setup, tmp_path / "resumed"))
+    again = _cli(*_feature_args(setup, tmp_path / "resumed", "--output-dtype", store))
     assert again.returncode == 0 and "is already complete" in again.stderr
 
 

@@ -143,9 +143,10 @@ def poise_matrix(run: dict, train_template: str, max_seq_length: int = 2048) -> 
         checkpoint = str(root / "poise" / f"checkpoint-{k}")
         run_features(FeaturesConfig(data=[str(root / "pool.jsonl")], out=str(out / f"{k}" / "train"),
                                     checkpoint=checkpoint, kind="adam", projection="none", template=train_template,
-                                    max_seq_length=max_seq_length))
+                                    max_seq_length=max_seq_length, output_dtype="float32"))
         run_features(FeaturesConfig(data=[str(root / "val")], out=str(out / f"{k}" / "val"), checkpoint=checkpoint,
-                                    kind="sgd", projection="none", template="plain", max_seq_length=max_seq_length))
+                                    kind="sgd", projection="none", template="plain", max_seq_length=max_seq_length,
+                                    output_dtype="float32"))
     attribution = compute_attribution(AttributeConfig(train=[str(out / "1" / "train"), str(out / "2" / "train")],
                                                       val=[str(out / "1" / "val"), str(out / "2" / "val")],
                                                       out=str(out / "attribution")))

@@ -417,7 +417,8 @@ def test_imported_checkpoints_yield_the_same_adam_features_as_the_native_one(set
     for label, checkpoint in sources:
         out = root / "features" / label.replace(".", "-")
         run_features(FeaturesConfig(data=[str(setup["pool"])], out=str(out), checkpoint=str(checkpoint),
-                                    model=str(setup["model"]), kind="adam", projection="none", max_seq_length=64))
+                                    model=str(setup["model"]), kind="adam", projection="none", max_seq_length=64,
+                                    output_dtype="float32"))
         features[label] = np.load(out / "features.npy")
     assert np.abs(features["native"]).sum() > 0
     np.testing.assert_array_equal(features["optimizer.pt"], features["native"])

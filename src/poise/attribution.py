@@ -2,7 +2,9 @@
 
 A = sum_k w_k cos(train_k, val_k), streamed over chunks of training rows into a folder that `poise.matrix`
 reads (`scores.npy`, `columns.jsonl`, `rows.jsonl`, `info.json`); the weights default to each checkpoint's
-mean learning rate (LESS), normalised to sum 1.
+mean learning rate (LESS), normalised to sum 1. Feature stores of any kind (float32, float16, int8, 1bit) are
+dequantised one chunk of training rows at a time; train and validation stores may be of different kinds (the
+cosine takes unit rows of whatever each store reads back), but must share model, checkpoint and projector.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def compute_attribution(config: Any, progress=None) -> Path:
     """A = sum_k w_k cos(train_k, val_k), streamed over chunks of training rows into `config.out`.
 
     Weights default to each checkpoint's mean learning rate (LESS), normalised to sum 1. Refuses to
-    combine features from different projectors, dimensions, seeds, models or data orders.
+    combine features from different projectors, dimensions, seeds, models or data orders; combines stores of
+    different kinds (e.g. 1bit train rows with float32 validation rows).
     """
     import json
 
@@ -120,12 +123,12 @@ def compute_attribution(config: Any, progress=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{SCORES_FILE}.tmp"
     scores = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, m))
-    val_unit = [_unit_rows(np.asarray(vf, dtype=np.float32)) for vf, _, _ in vals]  # (M, d) each
+    val_unit = [_unit_rows(vf.rows(0, m)) for vf, _, _ in vals]  # (M, d) each: the validation set is small
     for start in range(0, n, config.chunk_rows):
         stop = min(n, start + config.chunk_rows)
         block = np.zeros((stop - start, m), dtype=np.float32)
         for w, (tf, _, _), vu in zip(weights, trains, val_unit, strict=True):
-            block += np.float32(w) * (_unit_rows(np.asarray(tf[start:stop], dtype=np.float32)) @ vu.T)
+            block += np.float32(w) * (_unit_rows(tf.rows(start, stop)) @ vu.T)  # one block dequantised at a time
         scores[start:stop] = block
         if progress:
             progress(stop, n)

@@ -42,6 +42,7 @@ from poise.options import (
     POOLINGS,
     PROJECTIONS,
     SELECTION_METHODS,
+    STORE_DTYPES,
     TEMPLATES,
     AdamFormula,
     DType,
@@ -50,6 +51,7 @@ from poise.options import (
     Pooling,
     Projection,
     SelectionMethod,
+    StoreDtype,
     Template,
 )
 
@@ -210,7 +212,9 @@ class FeaturesConfig(DataConfig):
     dtype: DType = _f("float32", "model dtype", choices=DTYPES, pipeline="top")
     device: str = _f("cpu", "cpu, cuda, cuda:1, mps ... (under torchrun cuda means each rank's own GPU)",
                      role="execution", pipeline="top")
-    output_dtype: Literal["float32", "float16"] = _f("float32", "dtype of features.npy", choices=("float32", "float16"))
+    output_dtype: StoreDtype = _f("float16", "how the store keeps a row: float16 (LESS, 2 bytes a coordinate), "
+                                  "float32, int8 (+ a float32 scale per row) or 1bit (signs, QLESS)",
+                                  choices=STORE_DTYPES)
     overwrite: bool = _f(False, "replace features made with other settings", role="execution", pipeline="set")
 
 

@@ -16,6 +16,7 @@ MOMENTS_FILE = "optimizer_moments.safetensors"
 
 # features
 FEATURES_FILE = "features.npy"
+SCALES_FILE = "scales.npy"  # int8 stores: one float32 scale per row
 IDS_FILE = "ids.jsonl"
 FEATURES_INFO_FILE = "info.json"
 PROGRESS_DIR = "progress"

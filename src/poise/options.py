@@ -31,6 +31,10 @@ tulu format labelled exactly as LESS labels it (tulu-less), or prompt + completi
 
 DType = Literal["float32", "bfloat16", "float16"]
 
+StoreDtype = Literal["float32", "float16", "int8", "1bit"]
+"""How the feature store keeps a row (docs/design.md §2.3): float32; float16 (LESS); int8 with a float32 scale per
+row; 1bit, the sign of every coordinate, bit-packed (QLESS)."""
+
 PaddingSide = Literal["right", "left"]
 
 LRScheduler = Literal["linear", "cosine"]
@@ -42,4 +46,5 @@ PROJECTIONS: tuple[str, ...] = get_args(Projection)
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 TEMPLATES: tuple[str, ...] = get_args(Template)
 DTYPES: tuple[str, ...] = get_args(DType)
+STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
 LR_SCHEDULERS: tuple[str, ...] = get_args(LRScheduler)

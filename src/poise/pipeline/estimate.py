@@ -199,14 +199,10 @@ def measure_throughput(config: Any, warmup: Any) -> Throughput:
     return Throughput(train, forward, matmul, f"measured on this machine ({device}, {batch} x {length} tokens)")
 
 
-def store_row_bytes(kind: str, dim: int) -> float:
-    """Bytes per row of a features store of `kind` (docs/formats.md)."""
-    return {"float32": 4 * dim, "float16": 2 * dim, "int8": dim + 4, "1bit": math.ceil(dim / 8)}.get(kind, 4 * dim)
-
-
 def estimate_units(config: Any, inputs: Any, units: list[Any], throughput: Throughput | None = None,
                    ) -> tuple[list[Estimate], Throughput]:
     """An `Estimate` per unit (see the module docstring)."""
+    from poise.features.store import bytes_per_example
     from poise.model import load_tokenizer
     from poise.selection.registry import parse_budget
 
@@ -236,10 +232,10 @@ def estimate_units(config: Any, inputs: Any, units: list[Any], throughput: Throu
                 import transformers
 
                 hidden = int(transformers.AutoConfig.from_pretrained(_folder(config.model)).hidden_size)
-                disk += round(data.kept * store_row_bytes(c.output_dtype, hidden))
+                disk += round(data.kept * bytes_per_example(c.output_dtype, hidden))
                 seconds = tokens / speed.forward
             else:
-                disk += round(data.kept * store_row_bytes(c.output_dtype, c.dim))
+                disk += round(data.kept * bytes_per_example(c.output_dtype, c.dim))
                 seconds = FEATURES_OVER_TRAINING * tokens / speed.train
             disk += round(data.kept * data.id_bytes)
         elif unit.stage == "attribute":
