@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -108,3 +109,97 @@ def test_rows_file_must_match_the_number_of_rows(small_files, tmp_path) -> None:
     (tmp_path / "r.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in range(39)))
     with pytest.raises(PoiseError, match="39 rows listed but"):
         load_attribution(small_files["scores"], columns=small_files["columns"], rows=tmp_path / "r.jsonl")
+
+
+def test_float16_scores_npy_stays_float16_and_memory_mapped(small_files, tmp_path, monkeypatch) -> None:
+    """A float16 matrix is read as stored (half the bytes of float32, never converted whole) and its blocks and
+    rows come back as float32, exactly, also when its pages are handed back after each read; float64 is still
+    converted to float32."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from poise import matrix as matrix_module
+
+    monkeypatch.setattr(matrix_module, "RELEASE_BYTES", 0)
+    monkeypatch.setattr(matrix_module, "ROW_BATCH", 2)
+
+    half = small_files["array"].astype(np.float16)
+    np.save(tmp_path / "half.npy", half)
+    matrix = load_attribution(tmp_path / "half.npy", columns=small_files["columns"])
+    assert isinstance(matrix.scores, np.memmap) and matrix.scores.dtype == np.float16 and matrix.memory_mapped
+    assert matrix._mapping().releasing
+    widened = half.astype(np.float32)
+    np.testing.assert_array_equal(matrix.read_block(5, 17), widened[5:17])
+    np.testing.assert_array_equal(matrix.read_rows([30, 2, 2, 11]), widened[[30, 2, 2, 11]])
+    matrix.release_pages()  # hands the map's pages back; reading again faults them in from the file
+    np.testing.assert_array_equal(np.vstack([b for _, b in matrix.iter_chunks(chunk_rows=3)]), widened)
+    in_memory = AttributionMatrix(widened, matrix.column_ids, matrix.tasks)
+    np.testing.assert_array_equal(matrix.column_stats().mean, in_memory.column_stats().mean)
+    np.testing.assert_array_equal(matrix.column_stats().std, in_memory.column_stats().std)
+    np.testing.assert_array_equal(matrix.normalized(), in_memory.normalized())
+    save_file({"scores": half}, str(tmp_path / "half.safetensors"))
+    torch.save(torch.from_numpy(half), tmp_path / "half.pt")
+    for name in ("half.safetensors", "half.pt"):
+        assert load_attribution(tmp_path / name, columns=small_files["columns"]).scores.dtype == np.float16
+    np.save(tmp_path / "wide.npy", small_files["array"].astype(np.float64))
+    assert load_attribution(tmp_path / "wide.npy", columns=small_files["columns"]).scores.dtype == np.float32
+
+
+def test_a_memory_mapped_folder_saves_block_by_block_and_its_column_views_copy_nothing(small_files, tmp_path) -> None:
+    half = small_files["array"].astype(np.float16)
+    AttributionMatrix(half, list(range(6)), ["code", "code", "math", "math", "chat", "chat"], kind="influence").save(
+        tmp_path / "a")
+    matrix = load_attribution(tmp_path / "a")
+    assert matrix.memory_mapped and matrix.scores.dtype == np.float16
+    matrix.column_stats()
+    view = matrix.select_tasks(["chat", "code"])
+    assert view.scores is matrix.scores and view.stored_columns.tolist() == [0, 1, 4, 5]
+    assert view.tasks == ["code", "code", "chat", "chat"] and view.n_columns == 4
+    np.testing.assert_array_equal(view.read_block(0, 40), half[:, [0, 1, 4, 5]].astype(np.float32))
+    np.testing.assert_array_equal(view.row(7), half[7, [0, 1, 4, 5]])
+    copy = AttributionMatrix(half[:, [0, 1, 4, 5]].astype(np.float32), view.column_ids, view.tasks)
+    np.testing.assert_array_equal(view.column_stats().std, copy.column_stats().std)  # the bits of a copy
+    np.testing.assert_array_equal(view.select_columns([3, 0]).read_rows([1, 0]), half[[1, 0]][:, [5, 0]])
+    saved = load_attribution(view.save(tmp_path / "b"))  # written block by block from the map
+    assert saved.scores.dtype == np.float16
+    np.testing.assert_array_equal(saved.scores, half[:, [0, 1, 4, 5]])
+    assert saved.tasks == view.tasks and saved.kind == "influence"
+
+
+def test_non_finite_float16_scores_are_refused_with_their_position(tmp_path) -> None:
+    scores = np.ones((5, 2), np.float16)
+    scores[2, 0] = np.inf
+    np.save(tmp_path / "s.npy", scores)
+    write_columns(tmp_path / "c.jsonl", ["a", "b"])
+    with pytest.raises(PoiseError, match="row 2, column 0"):
+        load_attribution(tmp_path / "s.npy", columns=tmp_path / "c.jsonl")
+
+
+def _rss_file_mib() -> float:
+    for line in open("/proc/self/status", encoding="ascii"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_a_pass_over_a_large_memory_map_hands_its_pages_back(tmp_path, monkeypatch) -> None:
+    """Read pages of a file mapping count in resident memory; without handing them back a pass over a 64 MiB
+    map leaves all 64 MiB resident (a 2 GB matrix: 2 GB)."""
+    from poise import matrix as matrix_module
+
+    rows, columns = 32768, 1024  # 64 MiB of float16
+    np.save(tmp_path / "s.npy", np.ones((rows, columns), np.float16))
+    write_columns(tmp_path / "c.jsonl", ["a"] * columns)
+    monkeypatch.setattr(matrix_module, "RELEASE_BYTES", 32 * 2**20)
+    matrix = load_attribution(tmp_path / "s.npy", columns=tmp_path / "c.jsonl")
+    matrix.release_pages()
+    before = _rss_file_mib()
+    for _ in matrix.iter_chunks():
+        pass
+    matrix.read_rows(np.arange(0, rows, 7))
+    assert _rss_file_mib() - before < 16
+    monkeypatch.setattr(matrix_module, "RELEASE_BYTES", 2**40)  # never hand back
+    for _ in matrix.iter_chunks():
+        pass
+    assert _rss_file_mib() - before > 48

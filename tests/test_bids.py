@@ -149,3 +149,73 @@ def test_growing_short_prefixes_keeps_fast_bids_exact(seed: int, monkeypatch: py
     assert fast.rows.tolist() == bids_naive(matrix.normalized(), budget)[0]
     if budget > 2 * scores.shape[1]:
         assert grown
+
+
+def _memory_mapped_copy(scores: np.ndarray, folder, n_tasks: int = 3) -> AttributionMatrix:
+    """The scores as a float16 poise attribution folder, loaded back (memory-mapped)."""
+    from poise.matrix import load_attribution
+
+    v = scores.shape[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        AttributionMatrix(scores.astype(np.float16), list(range(v)), [f"t{j % n_tasks}" for j in range(v)]).save(folder)
+        return load_attribution(folder)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_memory_mapped_float16_in_tiny_blocks_picks_what_the_in_memory_matrix_picks(
+    seed: int, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bounded-memory path - a float16 scores.npy read through its memory map in blocks of 5 rows, scattered
+    rows 3 at a time, its pages handed back after each, prefixes of 1 row placed from a 7-row sample and
+    refilled by streaming passes - gives
+    exactly the picks, gains and served columns of the in-memory float32 matrix (default blocks)."""
+    from poise import matrix as matrix_module
+    from poise.selection import bids
+
+    scores, budget = _random_case(seed + 300)
+    scores = (scores / max(1e-30, float(np.abs(scores).max())) * 100).astype(np.float16)  # float16 range
+    in_memory = _matrix(scores.astype(np.float32))
+    expected = {norm: select(in_memory, "bids", budget, normalize=norm) for norm in (True, False)
+                if norm is False or not bool(np.all(scores == scores[0]))}
+    mapped = _memory_mapped_copy(scores, tmp_path / "attribution")
+    assert mapped.memory_mapped and mapped.scores.dtype == np.float16
+    monkeypatch.setattr(matrix_module, "BLOCK_VALUES", 5 * scores.shape[1])
+    monkeypatch.setattr(matrix_module, "ROW_BATCH", 3)
+    monkeypatch.setattr(matrix_module, "RELEASE_BYTES", 0)  # hand pages back however small the file
+    monkeypatch.setattr(bids, "SAMPLE_ROWS", 7)
+    monkeypatch.setattr(bids, "MIN_PREFIX", 1)
+    monkeypatch.setattr(bids, "PREFIX_FACTOR", 0)
+    for norm, reference in expected.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = select(mapped, "bids", budget, normalize=norm)
+        assert got.indices.tolist() == reference.indices.tolist()
+        assert got.trace == reference.trace  # gains and served columns too
+
+
+def test_refills_of_a_memory_mapped_matrix_stay_exact_and_bounded(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw BIDS crowds into the large-scale columns, so their prefixes run out again and again: every refill is a
+    streaming pass, a prefix never holds more than the prune limit, and the picks stay the naive loop's."""
+    from poise import matrix as matrix_module
+    from poise.selection import bids
+
+    monkeypatch.setattr(matrix_module, "RELEASE_BYTES", 0)
+    rng = np.random.default_rng(9)
+    scores = (rng.normal(size=(3000, 6)) * [20, 18, 1, 1, 1, 1]).astype(np.float16)
+    mapped = _memory_mapped_copy(scores, tmp_path / "attribution")
+    monkeypatch.setattr(bids, "MIN_PREFIX", 8)
+    monkeypatch.setattr(bids, "PREFIX_FACTOR", 0)
+    monkeypatch.setattr(bids, "PREFIX_VALUES", 6 * 32)  # at most 32 rows asked for per refill
+    seen = []
+    original = bids._Prefixes._fill
+
+    def fill(self, cols, floor):
+        original(self, cols, floor)
+        seen.append(max(o.shape[0] for o in self.orders))
+
+    monkeypatch.setattr(bids._Prefixes, "_fill", fill)
+    fast = bids_fast(mapped, 600, normalize=False)
+    assert fast.rows.tolist() == bids_naive(scores.astype(np.float32), 600)[0]
+    assert len(seen) > 5  # many refills
+    assert max(seen) <= (bids.PRUNE_FACTOR + 1) * 32  # what a fill kept (pruned to the limit) + the unused rest

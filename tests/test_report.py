@@ -514,3 +514,50 @@ def test_zscore_columns_are_normalised_per_column_and_skip_constant_ones() -> No
     for z in [*columns["a"], *columns["b"]]:
         assert abs(z.mean()) < 1e-12 and abs(z.std() - 1) < 1e-12
     assert zscore_fit_figure(scores, tasks)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------ large pools
+def _report_of_a_large_pool(rows: int, tmp_path) -> tuple[Path, list[str]]:
+    """`poise report` on BIDS and random selection folders (half the pool each, with a pool file) of a
+    rows x 49 matrix saved as an attribution folder; the page and the selection folders."""
+    from poise.config import ReportConfig
+    from poise.report import run_report
+    from poise.synthetic import synthetic_pool
+
+    big, sources = synthetic_matrix(n_rows=rows, columns_per_task=7)
+    big.save(tmp_path / "attribution")
+    lines = [json.dumps(example) for example in synthetic_pool(sources)]
+    folders = []
+    for method in ("bids", "random"):
+        folder = tmp_path / f"select-{method}"
+        selection = poise.select(big, method, 0.5)
+        poise.write_selection(selection, folder, lines)
+        folders.append(str(folder))
+    path = run_report(ReportConfig(attribution=str(tmp_path / "attribution"), selections=folders,
+                                   out=str(tmp_path / "report")))
+    return path, folders
+
+
+def _check_large_report(path: Path, folders: list[str], rows: int) -> None:
+    from poise.report.page import MAX_PAGE_BYTES
+
+    assert path.stat().st_size < MAX_PAGE_BYTES
+    text = " ".join(parse(path).text)
+    assert "What this page leaves out" in text
+    assert f"each column's line is drawn at 1,000 evenly spaced quantiles of its {rows:,} values" in text
+    for folder in folders:  # every pick: named under its table
+        assert f"All {rows // 2:,} picks (row, id, score, served validation example): {folder}/selection.json" in text
+        assert f"{folder}/selected.jsonl" in text
+    assert len(picks_of(path).tables) == 2
+    assert all(len(table) == 1 + 10 for table in picks_of(path).tables)  # a header and the first picks only
+
+
+def test_the_report_of_a_20k_row_selection_stays_small_and_says_what_it_leaves_out(tmp_path):
+    path, folders = _report_of_a_large_pool(20_000, tmp_path)
+    _check_large_report(path, folders, 20_000)
+
+
+@pytest.mark.slow
+def test_the_report_of_a_100k_row_selection_stays_small(tmp_path):
+    path, folders = _report_of_a_large_pool(100_000, tmp_path)
+    _check_large_report(path, folders, 100_000)

@@ -120,3 +120,41 @@ def test_the_registry_and_the_method_literal_list_the_same_methods() -> None:
     from poise.selection import METHODS
 
     assert sorted(METHODS) == sorted(SELECTION_METHODS)
+
+
+@pytest.mark.parametrize("tasks", [None, ["b", "c"]], ids=["all-tasks", "two-tasks"])
+def test_every_method_on_a_memory_mapped_float16_matrix_in_tiny_blocks_picks_as_in_memory(
+    tasks, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each method (and its normalised/raw variant) on a float16 scores.npy read through its memory map in 3-row
+    blocks picks exactly what it picks on the same values in RAM as float32: the constant column and the task
+    restriction are views of the map (nothing copied), and blocks change no score."""
+    from poise import METHODS, load_attribution
+    from poise import matrix as matrix_module
+
+    rng = np.random.default_rng(5)
+    scores = np.round(rng.normal(size=(500, 8)) * [1, 2, 3, 10, 10, 0.1, 0.2, 1], 1).astype(np.float16)
+    scores[:, 7] = 0.5  # a constant column: left out of every normalised selection
+    column_tasks = ["a", "a", "b", "b", "b", "c", "c", "c"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_memory = {kind: _matrix(scores.astype(np.float32), column_tasks, kind=kind) for kind in (None, "rds")}
+        AttributionMatrix(scores, list(range(8)), column_tasks).save(tmp_path / "attribution")
+        mapped = {kind: load_attribution(tmp_path / "attribution", kind=kind) for kind in (None, "rds")}
+        expected = {(method, norm): select(in_memory["rds" if method == "rds" else None], method, 120, normalize=norm,
+                                           tasks=tasks)
+                    for method in METHODS for norm in (None, True, False)}
+    assert mapped[None].memory_mapped and mapped[None].scores.dtype == np.float16
+    view = mapped[None].select_columns([6, 2, 3])
+    assert view.scores is mapped[None].scores and view.stored_columns.tolist() == [6, 2, 3]  # nothing copied
+    copy = in_memory[None].select_columns([6, 2, 3])
+    np.testing.assert_array_equal(view.column_stats().std, copy.column_stats().std)
+    monkeypatch.setattr(matrix_module, "BLOCK_VALUES", 3 * 8)
+    monkeypatch.setattr(matrix_module, "ROW_BATCH", 2)
+    monkeypatch.setattr(matrix_module, "RELEASE_BYTES", 0)  # hand pages back however small the file
+    for (method, norm), reference in expected.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = select(mapped["rds" if method == "rds" else None], method, 120, normalize=norm, tasks=tasks)
+        assert got.indices.tolist() == reference.indices.tolist(), (method, norm)
+        assert got.trace == reference.trace, (method, norm)

@@ -76,7 +76,7 @@ def _blocks(
         if normalized:
             block = matrix.normalized_rows(part).astype(np.float64)
         else:
-            block = np.asarray(matrix.scores[part], dtype=np.float64)
+            block = matrix.read_rows(part).astype(np.float64)
         yield start, block
 
 

@@ -94,7 +94,13 @@ p.finding { font-size: 1.05rem; background: #fff; border-left: 4px solid #3b6fb6
 section.downstream h3 { margin-top: 14px; }
 table.facts { margin: 4px 0 12px; font-size: 0.9rem; }
 table.facts th, table.facts td { text-align: left; padding: 2px 10px; }
+p.source { color: #5a6272; font-size: 0.85rem; margin: 0 0 4px; }
+ul.left-out { color: #3d4555; max-width: 70em; padding-left: 1.4em; }
 """
+LEFT_OUT_CAPTION = (
+    "The page summarises the selections; it stays a few MB whatever the pool size, so it does not list every "
+    "pick or draw every value. What it leaves out, and where the full data is:"
+)
 
 
 @dataclass
@@ -120,7 +126,7 @@ class PickTable:
     all, one row per pick (`rank`, `row`, `id`, `task`, `column_id`, `score`, `text`; None where
     unknown; `served_text` too when `served`) and the header of the score column ("gain" for bids).
     With `served`, the table shows the pool example's text and then the text of the validation example
-    each pick served (a dash where its id is not in the validation files)."""
+    each pick served (a dash where its id is not in the validation files). `source` says where all picks are."""
 
     name: str
     color: str
@@ -129,6 +135,8 @@ class PickTable:
     score_label: str = "score"
     #: show the served validation example's text (row key `served_text`) beside the pick's own text
     served: bool = False
+    #: where every pick is (a sentence naming the selection's files), shown under the table's heading
+    source: str = ""
 
 
 _HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
@@ -240,8 +248,9 @@ def _picks_table(table: PickTable) -> str:
             + (f'<td class="text served">{_or_dash(row.get("served_text"))}</td>' if served else "")
         )
         body.append(f"<tr>{cells}</tr>")
+    source = f'<p class="source">{esc(table.source)}</p>' if table.source else ""
     return (
-        f'{heading}<table class="picks"><thead><tr>{head}</tr></thead>'
+        f'{heading}{source}<table class="picks"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
     )
 
@@ -302,13 +311,15 @@ def render_page(
     picks: Sequence[PickTable] = (),
     downstream: str = "",
     facts: Sequence[tuple[str, str]] = (),
+    left_out: Sequence[str] = (),
 ) -> str:
     """The whole page as a string, top to bottom: what was run (`facts`, `poise.report.rundir.run_facts`;
     none without a run directory), the `meta` line (what the matrix and selections say), the downstream
     results (`downstream`, HTML made by `poise.report.downstream.downstream_section`; empty without
     evaluations), the selections and their per-task summary, the figures (`sections`) and the first-picks
-    tables (`picks`). `summary` rows come from `poise.report.comparison.summary_rows`; `colors` are the
-    selections' colours (#rrggbb, in `names` order)."""
+    tables (`picks`), then `left_out`: one sentence per thing the page leaves out and where it is instead.
+    `summary` rows come from `poise.report.comparison.summary_rows`; `colors` are the selections' colours
+    (#rrggbb, in `names` order)."""
     meta_html = " · ".join(f"{esc(k)}: {esc(v)}" for k, v in meta)
     parts = [
         "<!DOCTYPE html>",
@@ -335,5 +346,9 @@ def render_page(
         parts.append("<h2>First picks</h2>")
         parts.append(f'<p class="caption">{esc(PICKS_CAPTION)}</p>')
         parts.extend(_picks_table(table) for table in picks)
+    if left_out:
+        parts.append("<h2>What this page leaves out</h2>")
+        parts.append(f'<p class="caption">{esc(LEFT_OUT_CAPTION)}</p>')
+        parts.append('<ul class="left-out">' + "".join(f"<li>{esc(item)}</li>" for item in left_out) + "</ul>")
     parts.append("</main></body></html>")
     return "\n".join(parts) + "\n"

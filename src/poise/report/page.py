@@ -3,9 +3,10 @@
 `build_report` draws every figure once for all selections (AID and THI side by side and as one panel per
 selection, coverage, the z-score fit, and for two or more selections their overlap) and writes the page, which
 reads top to bottom: what was run (with a run directory), the downstream results, the selections' settings and
-per-task summary, the figures, and each selection's first picks. `run_report` is the stage: it reads the
-folders, opens the output folder through `poise.provenance` and marks it complete once the page is written.
-matplotlib is imported when a report is built.
+per-task summary, the figures, each selection's first picks (with the files that hold every pick), and what the
+page leaves out. Nothing on it grows with the pool (capped table rows and figure points), so it stays a few
+MB at any pool size. `run_report` is the stage: it reads the folders, opens the output folder through
+`poise.provenance` and marks it complete once the page is written. matplotlib is imported when a report is built.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from poise import provenance
 from poise.analysis import aid_by_task, coverage, overlap, profile
 from poise.config import validate
-from poise.errors import PoiseError
-from poise.files import REPORT_FILE
+from poise.errors import PoiseError, warn
+from poise.files import REPORT_FILE, SELECTED_FILE, SELECTION_FILE
 from poise.io import atomic_write_bytes, atomic_write_text
 from poise.matrix import AttributionMatrix, load_matrix
 from poise.report.comparison import check_selections, display_names, rows_from, with_recorded_matrix
@@ -30,7 +31,7 @@ from poise.report.downstream import (
     is_evaluation,
     read_evaluation,
 )
-from poise.report.previews import PICKS_SHOWN, ValidationTexts, first_picks, read_validation
+from poise.report.previews import PICKS_SHOWN, PREVIEW_CHARS, ValidationTexts, first_picks, read_validation
 from poise.report.rundir import read_run, run_facts
 from poise.report.tables import print_run_summary
 from poise.selection import Selection, read_selection
@@ -38,6 +39,10 @@ from poise.version import __version__
 
 if TYPE_CHECKING:
     from poise.config import ReportConfig
+
+#: report.html should stay below this: its per-example content is capped whatever the pool size (tests check
+#: it at 20,000 and 100,000 rows); a page over it (many selections or tasks) is reported with a warning.
+MAX_PAGE_BYTES = 4 * 2**20
 
 ZSCORE_CAPTION = (
     "BIDS normalises every validation column to z = (a - mean) / std before comparing tasks (BIDS paper, "
@@ -152,7 +157,8 @@ def build_report(
                 [image("coverage.png", plots.coverage_plot(names, coverages, colors=colors),
                        "instance-wise THI share of each task against the number of picks, per selection")]),
     ]
-    zscores = plots.zscore_fit_figure(matrix.scores, matrix.tasks)
+    chosen = plots.zscore_column_choice(matrix.tasks)  # a few columns, read in one pass (not the whole matrix)
+    zscores = plots.zscore_fit_figure(matrix.read_columns(chosen), [matrix.tasks[j] for j in chosen])
     sections.append(Section("Does the z-score fit the influence columns?", ZSCORE_CAPTION,
                             [image("zscore_fit.png", zscores, "Q-Q plots of normalised validation columns against "
                                    "the standard normal, one panel per task")]))
@@ -166,7 +172,7 @@ def build_report(
         PickTable(name=name, color=color, total=len(selection.indices),
                   rows=first_picks(selection, PICKS_SHOWN, folder, validation=validation),
                   score_label="gain" if selection.method == "bids" else "score",
-                  served=validation is not None)
+                  served=validation is not None, source=_where_picks_are(selection, folder))
         for name, color, selection, folder in zip(names, hex_colors, selections, folder_list, strict=True)
     ]
 
@@ -192,10 +198,51 @@ def build_report(
         picks=picks,
         downstream=downstream,
         facts=facts,
+        left_out=_left_out(matrix),
     )
     path = out / REPORT_FILE
     atomic_write_text(path, page)
+    size = len(page.encode("utf-8"))
+    if size > MAX_PAGE_BYTES:
+        warn(f"{path} is {size / 2**20:.1f} MB, more than the {MAX_PAGE_BYTES / 2**20:.0f} MB a report should be "
+             "(many selections or tasks make many figures): --no-embed-images links the PNGs instead")
     return path
+
+
+def _where_picks_are(selection: Selection, folder: str | os.PathLike | None) -> str:
+    """A sentence naming the files that hold every pick of a selection (the page lists only the first ones)."""
+    if folder is None:
+        folder = (selection.arguments.get("settings") or {}).get("out")
+    total = f"All {len(selection.indices):,} picks"
+    if not folder:
+        return f"{total} are in the selection.json that poise select writes (this one was not read from a folder)."
+    base = Path(os.path.abspath(folder))  # the page may be read from anywhere
+    base = base.parent if base.name == SELECTION_FILE else base
+    where = f"{total} (row, id, score, served validation example): {base / SELECTION_FILE}"
+    if (base / SELECTED_FILE).is_file():
+        where += f"; the picked examples in pick order: {base / SELECTED_FILE}"
+    return where + "."
+
+
+def _left_out(matrix: AttributionMatrix) -> list[str]:
+    """What the page does not show of the data, with the numbers that apply to this matrix."""
+    from poise.report.plots import MAX_STRIP_POINTS, QQ_POINTS
+
+    items = [f"Per selection only the first {PICKS_SHOWN} picks are listed, their text cut to {PREVIEW_CHARS} "
+             "characters; every pick is in the selection's files named above its table. The per-task tables and "
+             "all figures are computed from every pick."]
+    widest = max(len(cols) for cols in matrix.task_columns().values())
+    if widest > MAX_STRIP_POINTS:
+        items.append(f"AID figures draw at most {MAX_STRIP_POINTS:,} dots per task (a seeded sample of its "
+                     f"{widest:,} validation examples at most); the boxes use all of them.")
+    if matrix.n_rows > QQ_POINTS:
+        items.append(f"Q-Q figure: each column's line is drawn at {QQ_POINTS:,} evenly spaced quantiles of its "
+                     f"{matrix.n_rows:,} values (smallest and largest included), up to 5 columns per task; the "
+                     "skewness and kurtosis use every value.")
+    items.append("Coverage figure: each selection at up to 50 lengths of its pick order.")
+    items.append(f"The scores themselves: the attribution matrix {matrix.source or '(in memory)'}, "
+                 f"{matrix.n_rows:,} × {matrix.n_columns:,}.")
+    return items
 
 
 def run_report(config: ReportConfig, console: Any = None) -> Path:

@@ -28,6 +28,8 @@ from matplotlib.ticker import MaxNLocator
 
 #: At most this many strip points per task in an AID plot (a deterministic subsample beyond it).
 MAX_STRIP_POINTS = 1500
+#: At most this many points per column in a Q-Q plot (evenly spaced order statistics beyond it).
+QQ_POINTS = 1000
 DPI = 110
 #: Widest comparison figure (inches): wider ones are shrunk so much on the page that their text is unreadable.
 COMPARISON_WIDTH = 13.0
@@ -403,46 +405,74 @@ def overlap_plot(names: Sequence[str], similarity: np.ndarray) -> bytes:
     return _to_png(fig)
 
 
+def zscore_column_choice(tasks: Sequence[str], per_task: int = 5) -> np.ndarray:
+    """Indices of up to `per_task` evenly spaced validation columns of each task, tasks in order of appearance:
+    the columns the Q-Q figure draws (read them alone from a large matrix, then pass them with their tasks)."""
+    task_array = np.asarray(tasks)
+    chosen = []
+    for task in dict.fromkeys(tasks):
+        columns = np.flatnonzero(task_array == task)
+        picked = np.unique(np.linspace(0, len(columns) - 1, min(per_task, len(columns))).round().astype(int))
+        chosen.extend(columns[picked].tolist())
+    return np.asarray(chosen, dtype=np.int64)
+
+
 def zscore_columns(scores: np.ndarray, tasks: Sequence[str], per_task: int = 5) -> dict[str, list[np.ndarray]]:
     """For up to `per_task` evenly spaced validation columns of each task, the column's values after BIDS's
     column normalisation (z = (a - mean) / population std); constant columns are skipped."""
     out: dict[str, list[np.ndarray]] = {}
-    task_array = np.asarray(tasks)
-    for task in dict.fromkeys(tasks):
-        columns = np.flatnonzero(task_array == task)
-        chosen = columns[np.unique(np.linspace(0, len(columns) - 1, min(per_task, len(columns))).round().astype(int))]
-        for j in chosen:
-            column = np.asarray(scores[:, j], dtype=np.float64)
-            sd = column.std()
-            if sd > 0:
-                out.setdefault(task, []).append((column - column.mean()) / sd)
+    for j in zscore_column_choice(tasks, per_task).tolist():
+        column = np.asarray(scores[:, j], dtype=np.float64)
+        sd = column.std()
+        if sd > 0:
+            out.setdefault(tasks[j], []).append((column - column.mean()) / sd)
     return out
+
+
+def qq_points(z: np.ndarray, limit: int = QQ_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """(standard normal quantiles, sorted values) of a column at up to `limit` evenly spaced order statistics,
+    the smallest and largest included: the Q-Q line of a million values, drawn with a thousand points."""
+    from statistics import NormalDist
+
+    n = z.size
+    ranks = np.unique(np.linspace(0, n - 1, min(n, limit)).round().astype(np.int64))
+    normal = NormalDist()
+    expected = np.array([normal.inv_cdf((k + 0.5) / n) for k in ranks.tolist()])
+    return expected, np.sort(z)[ranks]
 
 
 def zscore_fit_figure(scores: np.ndarray, tasks: Sequence[str], per_task: int = 5) -> bytes:
     """BIDS paper Appendix A.4 / Figure 5: does the z-score fit the influence columns? One panel per task:
     the quantiles of each normalised column against the standard normal's (a Q-Q plot; on the diagonal when
-    the column is normal), with the columns' pooled skewness and excess kurtosis in the title."""
-    from statistics import NormalDist
-
-    columns = zscore_columns(scores, tasks, per_task)
-    names = list(columns)
+    the column is normal; at most QQ_POINTS points per column), with the columns' pooled skewness and excess
+    kurtosis (of all their values) in the title. One column is normalised at a time, so a pool of a million
+    rows costs a few columns' memory."""
+    panels: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    moments: dict[str, list[float]] = {}  # per task: count, sum z^3, sum z^4, max |z|
+    for j in zscore_column_choice(tasks, per_task).tolist():
+        column = np.asarray(scores[:, j], dtype=np.float64)
+        sd = column.std()
+        if not sd > 0:
+            continue
+        z = (column - column.mean()) / sd
+        panels.setdefault(tasks[j], []).append(qq_points(z))
+        m = moments.setdefault(tasks[j], [0.0, 0.0, 0.0, 0.0])
+        m[0] += z.size
+        m[1] += float(np.sum(z**3))
+        m[2] += float(np.sum(z**4))
+        m[3] = max(m[3], float(np.abs(z).max()))
+    names = list(panels)
     cols = min(len(names), 4) or 1
     rows = math.ceil(len(names) / cols) or 1
     fig = Figure(figsize=(3.2 * cols + 0.6, 3.0 * rows + 0.6), layout="constrained")
     axes = _grid(fig, max(len(names), 1), cols, sharex=True, sharey=True)
-    normal = NormalDist()
     for ax, task in zip(axes, names, strict=False):
-        pooled = np.concatenate(columns[task])
-        for z in columns[task]:
-            n = len(z)
-            expected = np.array([normal.inv_cdf((k + 0.5) / n) for k in range(n)])
-            ax.plot(expected, np.sort(z), ".", markersize=2, alpha=0.7)
-        lim = max(3.0, float(np.abs(pooled).max()))
+        for expected, observed in panels[task]:
+            ax.plot(expected, observed, ".", markersize=2, alpha=0.7)
+        count, cubes, fourths, biggest = moments[task]
+        lim = max(3.0, biggest)
         ax.plot([-lim, lim], [-lim, lim], color="0.3", linewidth=0.8, linestyle="--")
-        skew = float(np.mean(pooled**3))
-        kurt = float(np.mean(pooled**4) - 3.0)
-        ax.set_title(f"{task}: skew {skew:.2f}, ex. kurt {kurt:.2f}", fontsize="small")
+        ax.set_title(f"{task}: skew {cubes / count:.2f}, ex. kurt {fourths / count - 3.0:.2f}", fontsize="small")
         ax.grid(alpha=0.3)
     for ax in axes[len(names):]:
         ax.set_visible(False)

@@ -138,7 +138,8 @@ def _without_constant_columns(matrix: AttributionMatrix) -> tuple[AttributionMat
 
     A constant column says nothing about any row: normalised it is all zeros and would offer every row the
     same gain, so once every other gain is negative the picks would follow row order. It takes no part in a
-    normalised selection (BIDS, normalised top-B rules); every column constant is an error.
+    normalised selection (BIDS, normalised top-B rules); every column constant is an error. The matrix without
+    them is a view of a memory-mapped one (`AttributionMatrix.select_columns`): nothing is copied.
     """
     zero = matrix.column_stats().zero_variance
     if not zero.any():

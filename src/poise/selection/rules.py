@@ -1,7 +1,8 @@
 """Score-and-take-top-B rules (BIDS paper, Appendix A.3) and the random baseline.
 
-Each rule gives every training row one score s_i, streaming over row chunks, and takes the B best;
-equal scores go to the lowest row index. The column a pick "served" is where its score came from:
+Each rule gives every training row one score s_i, streaming over row blocks of bounded size (the matrix may be
+a memory map larger than RAM; what is kept per row is one float64 score and one column index), and takes the
+B best; equal scores go to the lowest row index. The column a pick "served" is where its score came from:
 instance-max and rds the argmax column, task-max the argmax column of the argmax task, sum the
 column that contributed most.
 """
