@@ -50,7 +50,7 @@ def test_plan_disk_is_within_ten_percent_of_the_real_run(inputs, tiny_model_dir,
     run_config = parse_config(config(inputs, tiny_model_dir, out), "config")
     found = check_inputs(run_config, str(inputs / "pool.jsonl"), str(inputs / "validation"), None)
     units = build_units(run_config, out, found)
-    estimates, _ = estimate_units(run_config, found, units, throughput=Throughput(1e3, 3e3, 1e9, "given"))
+    estimates, _ = estimate_units(run_config, found, units, throughput=Throughput(1e3, 3e3, 1e3, 1e9, "given"))
     pipeline.run(config(inputs, tiny_model_dir, out), until="train")
     planned = {e.unit: e.disk for e in estimates}
     for unit in [u.name for u in units if u.stage in ("warmup", "features", "attribute", "select", "train")]:

@@ -5,10 +5,12 @@ Tokens come from the tokenised set when it is cached (exact), else from a sample
 evenly spaced) scaled to its size. Disk follows from the output formats: a checkpoint is the adapter and two
 Adam moments (12 bytes per LoRA parameter), a features folder its rows at the store's bytes per row plus the
 ids, the attribution matrix 4 bytes per entry, a selection its picked pool lines, a training its adapter.
-Time on the CPU (or a visible GPU) comes from this machine's measured throughput: a few LoRA forward+backward
-passes of the model at the run's sequence length; per-example gradient features cost 1.3 times that (measured
-1.15-1.6x in docs/benchmarks.md). For a GPU that is not here, from FLOPs (6 x parameters per trained token,
-2 x per forward token) at a stated share of the card's peak.
+Time on the CPU (or a visible GPU) comes from this machine's measured throughput on the run's model at its
+sequence length (the median of five passes after two warm-up ones): LoRA forward+backward (warmup, training),
+the features stage's own loop (per-example gradients by hooks and the projection) and forward passes
+(representations, evaluation). For a GPU that is not here, from FLOPs (6 x parameters per trained token,
+2 x per forward token, features 1.3 times training as measured in docs/benchmarks.md) at a stated share of
+the card's peak.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class DataStats:
 class Throughput:
     train: float  # tokens/s of a LoRA forward+backward
     forward: float  # tokens/s of a forward pass
+    features: float  # tokens/s of per-example gradient features (hooks, the projection)
     matmul: float  # float32 FLOP/s of numpy matrix products (attribution, selection)
     basis: str
 
@@ -148,9 +151,10 @@ def lora_parameters(model_name: str, targets: list[str], r: int) -> tuple[int, i
     return lora, tensors, sum(p.numel() for p in model.parameters())
 
 
-def measure_throughput(config: Any, warmup: Any) -> Throughput:
-    """Tokens per second of LoRA forward+backward and of forward, measured here on the run's model (or FLOPs
-    for a GPU that is not visible), and numpy's matrix-product rate."""
+def measure_throughput(config: Any, warmup: Any, features: Any = None) -> Throughput:
+    """Tokens per second of LoRA forward+backward, of forward and of gradient features (`features`: a features
+    stage config, for its projection), measured here on the run's model (or FLOPs for a GPU that is not
+    visible), and numpy's matrix-product rate."""
     import numpy as np
 
     a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
@@ -166,7 +170,8 @@ def measure_throughput(config: Any, warmup: Any) -> Throughput:
         name = device.split(":", 1)[1] if ":" in device and not device.split(":", 1)[1].isdigit() else "H100"
         peak = GPU_PEAK_FLOPS.get(name.upper(), GPU_PEAK_FLOPS["H100"])
         rate = GPU_EFFICIENCY * peak
-        return Throughput(rate / (6 * params), rate / (2 * params), matmul,
+        return Throughput(rate / (6 * params), rate / (2 * params), rate / (6 * params) / FEATURES_OVER_TRAINING,
+                          matmul,
                           f"FLOPs at {GPU_EFFICIENCY:.0%} of {name}'s {peak / 1e12:.0f} TFLOP/s (no GPU visible here)")
     from poise.lora import attach_lora
     from poise.model import load_model
@@ -178,25 +183,56 @@ def measure_throughput(config: Any, warmup: Any) -> Throughput:
     vocab = int(model.config.vocab_size)
     ids = torch.randint(0, vocab, (batch, length), device=device)
 
-    def timed(train: bool, reps: int = 3) -> float:
-        for k in range(reps + 1):  # the first pass warms up
-            if k == 1:
-                started = time.perf_counter()
+    def timed(train: bool, warm: int = 2, reps: int = 5) -> float:
+        """Tokens/s: the median of `reps` timed passes after `warm` untimed ones (the first passes of a process
+        run slower: allocation, thread start-up)."""
+        rates = []
+        for k in range(warm + reps):
+            started = time.perf_counter()
             if train:
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             else:
                 with torch.no_grad():
                     model(input_ids=ids, use_cache=False)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return reps * batch * length / (time.perf_counter() - started)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if k >= warm:
+                rates.append(batch * length / (time.perf_counter() - started))
+        return float(sorted(rates)[len(rates) // 2])
 
     model.train()
     train = timed(True)
     model.eval()
     forward = timed(False)
-    return Throughput(train, forward, matmul, f"measured on this machine ({device}, {batch} x {length} tokens)")
+    rate = train / FEATURES_OVER_TRAINING
+    if features is not None:
+        rate = _features_rate(model, ids, features, device)
+    return Throughput(train, forward, rate, matmul, f"measured on this machine ({device}, {batch} x {length} tokens)")
+
+
+def _features_rate(model: Any, ids: Any, config: Any, device: str, warm: int = 2, reps: int = 5) -> float:
+    """Tokens/s of the features stage's inner loop (per-example gradients by hooks, projected) on `ids`."""
+    import torch
+
+    from poise.features.capture import backward_per_example, capture_lora_gradients, lora_linear_modules
+    from poise.features.projection import make_projector
+
+    shapes = {name: tuple(m.weight.shape) for name, m in lora_linear_modules(model).items()}
+    projector = make_projector(config.projection, config.dim, config.seed, shapes, device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
+             "position_ids": torch.arange(ids.shape[1], device=ids.device).expand_as(ids)}
+    rates = []
+    for k in range(warm + reps):
+        out = torch.zeros(ids.shape[0], projector.dim, device=device)
+        started = time.perf_counter()
+        with capture_lora_gradients(model, lambda name, grad, out=out: projector.add(
+                name, grad.reshape(grad.shape[0], -1), out)):
+            backward_per_example(model, batch)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if k >= warm:
+            rates.append(ids.numel() / (time.perf_counter() - started))
+    return float(sorted(rates)[len(rates) // 2])
 
 
 def estimate_units(config: Any, inputs: Any, units: list[Any], throughput: Throughput | None = None,
@@ -213,7 +249,8 @@ def estimate_units(config: Any, inputs: Any, units: list[Any], throughput: Throu
     lora, tensors, _ = lora_parameters(config.model, warmup.target_modules, warmup.lora_r)
     adapter = 4 * lora + tensors * TENSOR_HEADER + ADAPTER_FILES  # a saved adapter
     moments = 8 * lora + 2 * tensors * TENSOR_HEADER
-    speed = throughput or measure_throughput(config, warmup)
+    features = next((u.config for u in units if u.stage == "features" and u.config.kind != "reps"), None)
+    speed = throughput or measure_throughput(config, warmup, features)
     out: list[Estimate] = []
     n_val = validation.kept
     for unit in units:
@@ -236,7 +273,7 @@ def estimate_units(config: Any, inputs: Any, units: list[Any], throughput: Throu
                 seconds = tokens / speed.forward
             else:
                 disk += round(data.kept * bytes_per_example(c.output_dtype, c.dim))
-                seconds = FEATURES_OVER_TRAINING * tokens / speed.train
+                seconds = tokens / speed.features
             disk += round(data.kept * data.id_bytes)
         elif unit.stage == "attribute":
             dims = c.dim if hasattr(c, "dim") else 8192
@@ -307,8 +344,8 @@ def print_plan(estimates: list[Estimate], speed: Throughput, console: Any, done:
     table.add_row("total", str(len(estimates)), str(sum(e.unit not in done for e in estimates)), "",
                   human_size(total_disk), _duration(total_seconds), style="bold")
     console.print(table)
-    console.print(f"time: {speed.basis}; {speed.train:,.0f} tokens/s LoRA forward+backward, {speed.forward:,.0f} "
-                  "tokens/s forward. Every figure is an estimate; nothing was run.")
+    console.print(f"time: {speed.basis}; {speed.train:,.0f} tokens/s LoRA forward+backward, {speed.features:,.0f} "
+                  f"gradient features, {speed.forward:,.0f} forward. Every figure is an estimate; nothing was run.")
 
 
 def _duration(seconds: float) -> str:
