@@ -122,18 +122,22 @@ def compute_attribution(config: Any, progress=None) -> Path:
     n, m = t0[0].shape[0], v0[0].shape[0]
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{SCORES_FILE}.tmp"
-    scores = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, m))
     val_unit = [_unit_rows(vf.rows(0, m)) for vf, _, _ in vals]  # (M, d) each: the validation set is small
-    for start in range(0, n, config.chunk_rows):
-        stop = min(n, start + config.chunk_rows)
-        block = np.zeros((stop - start, m), dtype=np.float32)
-        for w, (tf, _, _), vu in zip(weights, trains, val_unit, strict=True):
-            block += np.float32(w) * (_unit_rows(tf.rows(start, stop)) @ vu.T)  # one block dequantised at a time
-        scores[start:stop] = block
-        if progress:
-            progress(stop, n)
-    scores.flush()
-    del scores
+    # written a block at a time with plain file writes: a writable memory map would keep every written page
+    # resident in this process (4 GB at 1M x 1,000), file writes leave them to the page cache
+    with open(tmp, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                      "fortran_order": False, "shape": (n, m)})
+        for start in range(0, n, config.chunk_rows):
+            stop = min(n, start + config.chunk_rows)
+            block = np.zeros((stop - start, m), dtype=np.float32)
+            for w, (tf, _, _), vu in zip(weights, trains, val_unit, strict=True):
+                block += np.float32(w) * (_unit_rows(tf.rows(start, stop)) @ vu.T)  # one block dequantised at a time
+            handle.write(np.ascontiguousarray(block).tobytes())
+            if progress:
+                progress(stop, n)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, out / SCORES_FILE)
     atomic_write_lines(out / COLUMNS_FILE, (json.dumps({"id": r["id"], "task": r["task"]}) for r in v0[1]))
     atomic_write_lines(out / ROWS_FILE, (json.dumps({"id": r["id"]}) for r in t0[1]))
