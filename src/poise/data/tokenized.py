@@ -78,7 +78,11 @@ class TokenizedSet:
     def __init__(self, folder: Path, table: Any, meta: dict) -> None:
         self.folder, self.table, self.meta = folder, table, meta
         arrow = table.data
-        self._arrow = arrow.table  # the pyarrow table over the memory-mapped files: `take` reads only the rows asked
+        self._arrow = arrow.table  # pyarrow, over the memory-mapped files
+        lengths = [len(c) for c in self._arrow.column(0).chunks]  # every column is chunked alike (record batches)
+        if any([len(c) for c in column.chunks] != lengths for column in self._arrow.columns):
+            raise PoiseError(f"{folder}: the cached columns are chunked differently; delete the folder to rebuild it")
+        self._chunk_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         self.n_targets = arrow.column("n_targets").to_numpy()
         self.rows = np.flatnonzero(self.n_targets > 0)  # int64 table rows of the kept examples
         self.lengths = arrow.column("length").to_numpy()[self.rows].astype(np.int64)
@@ -101,8 +105,21 @@ class TokenizedSet:
         return [Tokenized(ids, labels) for ids, labels in zip(picked["input_ids"], picked["labels"], strict=True)]
 
     def _take(self, names: Sequence[str], rows: np.ndarray) -> dict[str, list]:
-        block = self._arrow.select(list(names)).take(rows)
-        return {name: block.column(name).to_pylist() for name in names}
+        """The values of `rows` (table rows) in `names`, in that order. Taken chunk by chunk: Arrow's `take` on a
+        column of several chunks first concatenates them, which would copy the whole column into memory."""
+        import pyarrow as pa
+
+        rows = np.asarray(rows, dtype=np.int64)
+        chunk = np.searchsorted(self._chunk_starts, rows, side="right") - 1
+        out: dict[str, list] = {name: [None] * len(rows) for name in names}
+        for c in np.unique(chunk):
+            where = np.flatnonzero(chunk == c)
+            offsets = pa.array(rows[where] - self._chunk_starts[c])
+            for name in names:
+                values = self._arrow.column(name).chunk(int(c)).take(offsets).to_pylist()
+                for k, value in zip(where.tolist(), values, strict=True):
+                    out[name][k] = value
+        return out
 
     def item(self, position: int) -> Tokenized:
         return self.items([position])[0]
