@@ -17,7 +17,6 @@ q/k/v/o, AdamW (0.9, 0.999, 1e-8, no weight decay), lr 2e-5, 2 epochs, cosine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -355,20 +354,13 @@ def run_train(config: TrainConfig) -> Path:
     if picks is None:
         positions, given = np.arange(len(data)), data.n_rows
     else:  # the picked pool rows that have a target token, in the selection's order
-        position = np.full(data.n_rows, -1, dtype=np.int64)
-        position[data.rows] = np.arange(len(data))
-        positions, given = position[picks], len(picks)
+        (positions, left_out), given = data.positions_of(picks), len(picks)
         if main:
-            data.report_excluded(picks[positions < 0], fatal=False)
-        positions = positions[positions >= 0]
+            data.report_excluded(left_out, fatal=False)
         if not len(positions):
             raise PoiseError(f"{config.selection}: none of the {given} picked examples has a target token within "
                              f"max_seq_length {config.max_seq_length}")
-    hashed = hashlib.sha256(b"[")  # of the ids as json.dumps(list) writes them, streamed
-    for k, row in enumerate(data.columns(["id"], positions)):
-        hashed.update(((", " if k else "") + json.dumps(row["id"])).encode())
-    hashed.update(b"]")
-    provenance.update(out, examples={"given": given, "trained": len(positions), "digest": hashed.hexdigest()[:16]})
+    provenance.update(out, examples={"given": given, "trained": len(positions), "digest": data.ids_digest(positions)})
     tokenized = ItemView(data, positions)
     model = train_lora(config, tokenizer, tokenized, out, STAGE)
     if main:

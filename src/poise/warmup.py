@@ -10,7 +10,6 @@ last saved epoch; the folder is complete once every epoch's checkpoint is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -110,21 +109,14 @@ def _train(config: WarmupConfig, out: Path, checkpoints: list[Path], n_pool: int
     data = tokenized_set(config.data, tokenizer, config.max_seq_length, template=config.template,
                          progress=distributed.is_main(), report=False)
     chosen = subset_indices(n_pool, count, config.seed)  # rows of the pool
-    position = np.full(data.n_rows, -1, dtype=np.int64)
-    position[data.rows] = np.arange(len(data))
-    positions = position[chosen]
+    positions, left_out = data.positions_of(chosen)
     if distributed.is_main():
-        data.report_excluded(chosen[positions < 0], fatal=False)
-    positions = positions[positions >= 0]
+        data.report_excluded(left_out, fatal=False)
     n = len(positions)
     if n == 0:
         raise PoiseError(f"none of the {count} warmup examples has a target token within --max-seq-length "
                          f"{config.max_seq_length}")
-    hashed = hashlib.sha256(b"[")  # of the ids as json.dumps(list) writes them, streamed
-    for k, row in enumerate(data.columns(["id"], positions)):
-        hashed.update(((", " if k else "") + json.dumps(row["id"])).encode())
-    hashed.update(b"]")
-    digest = hashed.hexdigest()[:16]
+    digest = data.ids_digest(positions)
     steps_per_epoch, total_steps, n_warmup = schedule(n, config)
 
     # a resumed folder: its checkpoints must have been trained on these examples

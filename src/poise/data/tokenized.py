@@ -121,6 +121,21 @@ class TokenizedSet:
                     out[name][k] = value
         return out
 
+    def positions_of(self, table_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions of the kept examples among `table_rows`, in their order; the table rows left out)."""
+        position = np.full(self.n_rows, -1, dtype=np.int64)
+        position[self.rows] = np.arange(len(self))
+        found = position[np.asarray(table_rows, dtype=np.int64)]
+        return found[found >= 0], np.asarray(table_rows)[found < 0]
+
+    def ids_digest(self, positions: np.ndarray) -> str:
+        """sha256 (16 hex digits) of the ids at `positions` as `json.dumps(list_of_ids)` writes them, streamed."""
+        hashed = hashlib.sha256(b"[")
+        for k, row in enumerate(self.columns(["id"], positions)):
+            hashed.update(((", " if k else "") + json.dumps(row["id"])).encode())
+        hashed.update(b"]")
+        return hashed.hexdigest()[:16]
+
     def item(self, position: int) -> Tokenized:
         return self.items([position])[0]
 
