@@ -114,7 +114,7 @@ def dequantize(kind: str, stored: np.ndarray, scales: np.ndarray | None, dim: in
 class FeatureStore:
     """Rows of per-example features on disk, written by one or many ranks, resumable."""
 
-    def __init__(self, folder: Path, features: np.memmap, scales: np.memmap | None, info: dict[str, Any]):
+    def __init__(self, folder: Path, features: RowFile, scales: RowFile | None, info: dict[str, Any]):
         self.folder, self.features, self.scales, self.info = folder, features, scales, info
         self.kind, self.dim = str(info["store"]), int(info["dim"])
         self._log = None
@@ -148,11 +148,11 @@ class FeatureStore:
                 atomic_write_json(folder / INFO_FILE, {**info, "complete": False})
             (folder / PROGRESS_DIR).mkdir(exist_ok=True)
         distributed.barrier()
-        features = np.load(folder / FEATURES_FILE, mmap_mode="r+")
+        features = RowFile(folder / FEATURES_FILE, writable=True)
         if features.shape != (n, width) or features.dtype != stored_dtype(kind):
             raise PoiseError(f"{folder}/{FEATURES_FILE}: {features.dtype} {features.shape}, expected "
                              f"{stored_dtype(kind)} {(n, width)} for a {kind} store")
-        scales = np.load(folder / SCALES_FILE, mmap_mode="r+") if kind == "int8" else None
+        scales = RowFile(folder / SCALES_FILE, writable=True) if kind == "int8" else None
         if scales is not None and (scales.shape != (n,) or scales.dtype != np.float32):
             raise PoiseError(f"{folder}/{SCALES_FILE}: {scales.dtype} {scales.shape}, expected float32 {(n,)}")
         return cls(folder, features, scales, info)
@@ -176,9 +176,9 @@ class FeatureStore:
             stored, scales = quantize(self.kind, values)
         except PoiseError as exc:
             raise PoiseError(f"{self.folder}: {exc}") from None
-        self.features[rows] = stored
+        self.features.write(rows, stored)
         if self.scales is not None:
-            self.scales[rows] = scales
+            self.scales.write(rows, scales)
             self.scales.flush()
         self.features.flush()
         maybe_kill("writes")  # tests: POISE_KILL_AT=writes:n dies here, the n-th batch flushed but not logged
@@ -202,6 +202,44 @@ class FeatureStore:
         return complete
 
 
+class RowFile:
+    """The rows of a `.npy` file, written and read with plain file I/O at their offsets. A memory map would keep
+    every page it wrote or read resident in the process (the whole store, by the end of a pass), so a process's
+    memory would grow with the pool; file I/O leaves the pages to the page cache."""
+
+    def __init__(self, path: Path, writable: bool = False) -> None:
+        header = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only: no page of data is read
+        self.path, self.shape, self.dtype, self.offset = path, header.shape, header.dtype, int(header.offset)
+        del header
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=self.dtype).reshape(len(rows), -1)
+        for row, value in zip(np.asarray(rows).tolist(), values, strict=True):
+            os.pwrite(self._fd, value.tobytes(), self.offset + row * self.row_bytes)
+
+    def flush(self) -> None:
+        os.fsync(self._fd)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as an array (a copy in this process's memory, of those rows only)."""
+        stop = min(stop, len(self))
+        data = os.pread(self._fd, max(0, stop - start) * self.row_bytes, self.offset + start * self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape((max(0, stop - start), *self.shape[1:])).copy()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
 def _create(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     """A zero-filled `.npy` of `shape`, in place under its final name only once it exists whole."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -213,7 +251,8 @@ def _create(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
 class StoredFeatures:
     """A finished store, read a block of rows at a time as float32 (the whole store is never dequantised)."""
 
-    def __init__(self, kind: str, stored: np.ndarray, scales: np.ndarray | None, dim: int, source: str = ""):
+    def __init__(self, kind: str, stored: RowFile | np.ndarray, scales: RowFile | np.ndarray | None, dim: int,
+                 source: str = ""):
         self.kind, self.stored, self.scales, self.dim, self.source = kind, stored, scales, dim, source
 
     @property
@@ -230,8 +269,12 @@ class StoredFeatures:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) dequantised: (stop - start, d) float32."""
-        scales = None if self.scales is None else self.scales[start:stop]
-        return dequantize(self.kind, self.stored[start:stop], scales, self.dim)
+        scales = None if self.scales is None else _read(self.scales, start, stop)
+        return dequantize(self.kind, _read(self.stored, start, stop), scales, self.dim)
+
+
+def _read(rows: RowFile | np.ndarray, start: int, stop: int) -> np.ndarray:
+    return rows.read(start, stop) if isinstance(rows, RowFile) else rows[start:stop]
 
 
 def read_features(folder: str | os.PathLike) -> tuple[StoredFeatures, list[dict[str, Any]], dict[str, Any]]:
@@ -245,7 +288,7 @@ def read_features(folder: str | os.PathLike) -> tuple[StoredFeatures, list[dict[
     kind = str(info.get("store") or info.get("dtype") or "float32")  # folders from before int8/1bit: "dtype"
     if kind not in STORE_DTYPES:
         raise PoiseError(f"{folder}/{INFO_FILE}: unknown feature store {kind!r}")
-    stored = np.load(folder / FEATURES_FILE, mmap_mode="r", allow_pickle=False)
+    stored = RowFile(folder / FEATURES_FILE)
     ids = [json.loads(line) for line in (folder / IDS_FILE).read_text().splitlines() if line.strip()]
     dim = int(info.get("dim", stored.shape[1]))
     if stored.shape != (len(ids), stored_width(kind, dim)) or stored.dtype != stored_dtype(kind):
@@ -256,7 +299,7 @@ def read_features(folder: str | os.PathLike) -> tuple[StoredFeatures, list[dict[
     if kind == "int8":
         if not (folder / SCALES_FILE).exists():
             raise PoiseError(f"{folder}: an int8 store without {SCALES_FILE}")
-        scales = np.load(folder / SCALES_FILE, mmap_mode="r", allow_pickle=False)
+        scales = RowFile(folder / SCALES_FILE)
         if scales.shape != (len(ids),) or scales.dtype != np.float32:
             raise PoiseError(f"{folder}/{SCALES_FILE}: {scales.dtype} {scales.shape}, expected float32 "
                              f"({len(ids)},)")
