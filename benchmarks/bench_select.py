@@ -178,12 +178,12 @@ class Table:
 
 # ------------------------------------------------------------------------------ peak-memory worker
 def proc_status() -> dict[str, float]:
-    """VmRSS and VmHWM (peak RSS of this address space) in MiB, from /proc/self/status."""
+    """VmRSS, VmHWM (peak RSS of this address space), RssAnon and RssFile in MiB, from /proc/self/status."""
     out = {}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[key] = float(value.split()[0]) / 1024.0
     except OSError:  # pragma: no cover - not Linux
         pass

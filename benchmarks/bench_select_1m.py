@@ -64,26 +64,8 @@ GENERATOR_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def proc_status() -> dict[str, float]:
-    """VmRSS, VmHWM, RssAnon and RssFile in MiB, from /proc/self/status."""
-    out: dict[str, float] = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = float(value.split()[0]) / 1024.0
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return out
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM (and ru_maxrss) to the current RSS (Linux >= 4.0); False when not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:  # pragma: no cover
-        return False
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_select import proc_status, reset_peak  # noqa: E402  (one reading of /proc/self/status for the benchmarks)
 
 
 def cpu_seconds() -> float:

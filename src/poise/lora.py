@@ -74,7 +74,7 @@ def candidates_line(model: Any) -> str:
     return "; ".join(parts) if parts else "none"
 
 
-def _matches(name: str, target: str) -> bool:
+def matches(name: str, target: str) -> bool:
     """peft's rule for a list of target names: the module's full name, or a dotted suffix of it."""
     return name == target or name.endswith("." + target)
 
@@ -157,7 +157,7 @@ def _qualified(model: Any, chosen: list[str]) -> list[str]:
         parts = name.split(".")
         for depth in range(1, len(parts) + 1):
             target = ".".join(parts[-depth:])
-            hits = {n for n in all_names if _matches(n, target)}
+            hits = {n for n in all_names if matches(n, target)}
             if hits <= chosen_set:
                 targets.setdefault(target)
                 break
@@ -169,13 +169,13 @@ def check_targets(model: Any, targets: Sequence[str]) -> None:
     """Every name in `targets` matches a module of `model` that LoRA can wrap; else one PoiseError line."""
     kind = _model_type(model)
     modules = dict(model.named_modules())
-    unmatched = [t for t in targets if not any(_matches(name, t) for name in modules)]
+    unmatched = [t for t in targets if not any(matches(name, t) for name in modules)]
     if unmatched:
         raise PoiseError(f"target_modules {', '.join(unmatched)}: no module of this {kind} model is named so; its "
                          f"linear layers: {candidates_line(model)}")
     for target in targets:
         for name, module in modules.items():
-            if not _matches(name, target) or _is_linear(module):
+            if not matches(name, target) or _is_linear(module):
                 continue
             fused = [p for p, param in module.named_parameters() if param.dim() == 3]
             if fused:
@@ -226,7 +226,7 @@ def attach_lora(model: Any, r: int = 128, alpha: int = 512, dropout: float = 0.1
     from transformers.pytorch_utils import Conv1D
 
     targets = resolve_targets(model, target_modules)
-    matched = [m for n, m in model.named_modules() if any(_matches(n, t) for t in targets)]
+    matched = [m for n, m in model.named_modules() if any(matches(n, t) for t in targets)]
     conv1d = bool(matched) and all(isinstance(m, Conv1D) for m in matched)  # GPT-2's layers store W transposed
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
                         fan_in_fan_out=conv1d)
@@ -315,7 +315,7 @@ def load_adapter(model: Any, adapter: str | os.PathLike, trainable: bool = True)
     targets = adapter_config.get("target_modules")
     if isinstance(targets, list):
         modules = [name for name, _ in model.named_modules()]
-        absent = [t for t in targets if not any(_matches(n, t) for n in modules)]
+        absent = [t for t in targets if not any(matches(n, t) for n in modules)]
         if absent:
             raise PoiseError(f"{folder}: this adapter{trained} targets {', '.join(absent)}, which this "
                              f"{kind} model does not have; its linear layers: {candidates_line(model)}")

@@ -244,12 +244,6 @@ class ParsedRows:
         parts = [datasets.Dataset.from_file(str(self.folder / name)) for name in self.meta["files"]]
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
-    def column(self, name: str, chunk: int = 100_000) -> Iterator[Any]:
-        """One column's values in data order, read in chunks."""
-        table = self.table().select_columns([name])
-        for start in range(0, len(table), chunk):
-            yield from table[start:start + chunk][name]
-
 
 def parsed_rows(paths: Sequence[str | os.PathLike], task: str | None = None) -> ParsedRows:
     """The parsed examples of `paths` (read as `read_examples` reads each), from the cache or parsed into it."""

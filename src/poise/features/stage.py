@@ -36,6 +36,13 @@ def run_features(config: FeaturesConfig) -> Path:
     from poise.model import load_model, load_tokenizer
 
     validate(config)
+    if config.projection == "none" and config.kind != "reps" and config.output_dtype != "float32" \
+            and distributed.is_main():
+        from poise.errors import warn
+
+        warn(f"FeaturesConfig.output_dtype={config.output_dtype} keeps raw (unprojected, unnormalised) gradients "
+             "at reduced precision (in float16, entries below 6e-5 in magnitude lose relative precision); pass "
+             "output_dtype=float32 for exact ones")
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
     if checkpoint is None and config.kind != "reps":
         raise PoiseError(f"FeaturesConfig.kind={config.kind} needs a checkpoint (a poise checkpoint or a peft adapter "
@@ -56,7 +63,8 @@ def run_features(config: FeaturesConfig) -> Path:
                          progress=distributed.is_main())
     ids = IdRows(data)
     # before the model is loaded: a folder made with other settings (or other data) is refused here
-    opened = open_folder(config.out, "features", config, extra={"model": model_name, "ids": ids.digest()},
+    ids_digest = ids.digest()  # streams every id once
+    opened = open_folder(config.out, "features", config, extra={"model": model_name, "ids": ids_digest},
                          collective=True)
 
     model = load_model(model_name, dtype=config.dtype, device=device)
@@ -69,7 +77,7 @@ def run_features(config: FeaturesConfig) -> Path:
         "model": model_name,
         "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
         "data": [str(Path(p).resolve()) if Path(p).exists() else p for p in config.data],  # a path, or a hub id
-        "ids": ids.digest(),
+        "ids": ids_digest,
         "max_seq_length": config.max_seq_length,
         "template": config.template,
         "dtype": config.dtype,

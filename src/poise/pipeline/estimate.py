@@ -15,6 +15,7 @@ the card's peak.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -26,10 +27,12 @@ from poise.io import human_size
 
 FEATURES_OVER_TRAINING = 1.3
 SAMPLE_ROWS = 2000
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+GPU_PEAK_FLOPS = {"H100": 989e12}  # dense bf16
 GPU_EFFICIENCY = 0.4
 #: float operations per matrix entry of a selection (a few passes over the matrix: normalisation, the rules)
 SELECT_FLOPS_PER_ENTRY = 100
+#: an evaluation item's prompt, in tokens (the items are not tokenised for the plan)
+PROMPT_TOKENS = 128
 #: a generated token costs about this many tokens of a batched forward pass (one position per step)
 DECODE_COST = 16
 #: the fixed files of a folder (arguments.json, info.json, logs): small next to the data but counted
@@ -135,13 +138,13 @@ def _size(path: Path) -> int:
 
 def lora_parameters(model_name: str, targets: list[str], r: int) -> tuple[int, int, int]:
     """(LoRA parameters, LoRA tensors, base model parameters) from the model's skeleton (no weights read)."""
-    from poise.lora import _matches, linear_layers, resolve_targets, skeleton
+    from poise.lora import linear_layers, matches, resolve_targets, skeleton
 
     model = skeleton(model_name)
     targets = resolve_targets(model, targets)
     lora = tensors = 0
     for name, module in linear_layers(model).items():
-        if any(_matches(name, t) for t in targets):
+        if any(matches(name, t) for t in targets):
             tensors += 2
             weight = module.weight
             fan_out, fan_in = weight.shape if weight.dim() == 2 else (weight.numel(), 1)
@@ -167,8 +170,8 @@ def measure_throughput(config: Any, warmup: Any, features: Any = None) -> Throug
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         _, _, params = lora_parameters(config.model, warmup.target_modules, warmup.lora_r)
-        name = device.split(":", 1)[1] if ":" in device and not device.split(":", 1)[1].isdigit() else "H100"
-        peak = GPU_PEAK_FLOPS.get(name.upper(), GPU_PEAK_FLOPS["H100"])
+        name = "H100"  # the card the run will get is not known here: an H100's dense bf16 peak, said in the basis
+        peak = GPU_PEAK_FLOPS[name]
         rate = GPU_EFFICIENCY * peak
         return Throughput(rate / (6 * params), rate / (2 * params), rate / (6 * params) / FEATURES_OVER_TRAINING,
                           matmul,
@@ -251,6 +254,9 @@ def estimate_units(config: Any, inputs: Any, units: list[Any], throughput: Throu
     moments = 8 * lora + 2 * tensors * TENSOR_HEADER
     features = next((u.config for u in units if u.stage == "features" and u.config.kind != "reps"), None)
     speed = throughput or measure_throughput(config, warmup, features)
+    counted = ("counted in the tokenised cache" if pool.exact
+               else f"from a sample of {min(pool.rows, SAMPLE_ROWS):,} rows")
+    speed = dataclasses.replace(speed, basis=f"{speed.basis}; pool tokens {counted}")
     out: list[Estimate] = []
     n_val = validation.kept
     for unit in units:
@@ -276,7 +282,7 @@ def estimate_units(config: Any, inputs: Any, units: list[Any], throughput: Throu
                 seconds = tokens / speed.features
             disk += round(data.kept * data.id_bytes)
         elif unit.stage == "attribute":
-            dims = c.dim if hasattr(c, "dim") else 8192
+            dims = next((u.config.dim for u in units if u.stage == "features" and str(u.config.out) in c.train), 8192)
             disk += pool.kept * n_val * 4 + round(pool.kept * pool.row_bytes)
             seconds = 2 * pool.kept * n_val * dims * len(c.train) / speed.matmul
         elif unit.stage == "select":
@@ -290,9 +296,9 @@ def estimate_units(config: Any, inputs: Any, units: list[Any], throughput: Throu
             seconds = tokens / speed.train
         elif unit.stage == "evaluate":
             items = sum(_lines(Path(p)) for p in c.data)
-            tokens = items * (128 + c.max_gen_toks)
+            tokens = items * (PROMPT_TOKENS + c.max_gen_toks)
             disk += EVALUATION_FILES + items * 400
-            seconds = items * (128 + DECODE_COST * c.max_gen_toks) / speed.forward
+            seconds = items * (PROMPT_TOKENS + DECODE_COST * c.max_gen_toks) / speed.forward
         elif unit.stage == "report":
             disk += 750_000
         seconds += UNIT_SECONDS.get(unit.stage, 0.0)
@@ -320,7 +326,7 @@ def _picks(unit: Any, units: list[Any], pool: DataStats) -> int:
     selection = str(Path(unit.config.selection))
     for other in units:
         if other.stage == "select" and str(Path(other.config.out)) == selection:
-            return round(parse_budget(other.config.budget, pool.kept) * pool.kept / max(pool.kept, 1))
+            return parse_budget(other.config.budget, pool.kept)
     return pool.kept
 
 
