@@ -7,12 +7,13 @@ the literal Algorithm-1 loop (`tests/oracles.py::bids_naive`), which costs O(B·
 
 What is measured, per budget fraction (default 5%, 10%, 15%):
 
-* every selection method (bids, instance-max, task-max, sum, random, rds) and the ablations
-  (bids without normalisation, instance-max with normalisation): the wall clock of `poise.select(...)`
+* every selection method (bids, instance-max, task-max, sum, random, random stratified by the rows' source,
+  rds, round-robin, task-round-robin, rds+) and the ablations (bids without normalisation, instance-max,
+  round-robin and task-round-robin with normalisation): the wall clock of `poise.select(...)`
   on a freshly built `AttributionMatrix` each time, so the column statistics are recomputed and the
   time includes normalisation. Building the matrix object runs its validation (finite check, labels);
-  that time is reported separately. rds runs on a synthetic representation-cosine matrix of the same
-  shape;
+  that time is reported separately. rds and rds+ run on a synthetic representation-cosine matrix of the
+  same shape;
 * peak memory: BIDS at the largest budget in a fresh subprocess that generates the matrix in RAM and
   reports `ru_maxrss` before and after the selection, and the peak RSS of the selection itself
   (VmHWM of /proc/self/status, reset just before the selection: ru_maxrss also counts generating
@@ -34,6 +35,7 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -66,7 +68,13 @@ RUNS: list[tuple[str, str, bool | None]] = [
     ("task-max", "task-max", None),
     ("sum", "sum", None),
     ("random", "random", None),
+    ("random (stratified)", "random", None),
     ("rds", "rds", None),
+    ("round-robin", "round-robin", None),
+    ("round-robin (norm)", "round-robin", True),
+    ("task-round-robin", "task-round-robin", None),
+    ("task-round-robin (norm)", "task-round-robin", True),
+    ("rds+", "rds+", None),
 ]
 
 
@@ -283,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     template, row_sources = synthetic_matrix(n_rows=args.rows, columns_per_task=args.columns_per_task,
                                              seed=args.seed)
     rds_template = synthetic_rds_matrix(row_sources, template, seed=args.seed)
+    rds_plus_template = dataclasses.replace(rds_template, kind="rds+")
+    source_names = sorted(set(row_sources.tolist()))
+    strata = (np.searchsorted(np.array(source_names), row_sources).astype(np.int64), source_names)
     n, v = template.n_rows, template.n_columns
     print(f"matrix: N={n:,} x V={v} float32 ({template.scores.nbytes / 2**20:.0f} MiB), "
           f"{len(template.task_names)} tasks; generated in {time.perf_counter() - start:.1f} s")
@@ -294,13 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     fast_picks: dict[float, np.ndarray] = {}
     for budget in args.budget_list:
         for label, method, normalize in RUNS:
-            base = rds_template if method == "rds" else template
+            base = {"rds": rds_template, "rds+": rds_plus_template}.get(method, template)
+            extra = {"strata": strata, "stratify": "source"} if "stratified" in label else {}
             select_times, validate_times = [], []
             for _ in range(args.repeat):
                 gc.collect()
                 matrix, validate_s = fresh(base)
                 t0 = time.perf_counter()
-                selection = poise.select(matrix, method, budget, normalize=normalize, seed=args.seed)
+                selection = poise.select(matrix, method, budget, normalize=normalize, seed=args.seed, **extra)
                 select_times.append(time.perf_counter() - t0)
                 validate_times.append(validate_s)
                 picks = selection.indices

@@ -68,6 +68,21 @@ def test_same_settings_resume_and_overwrite_starts_over(matrix_files) -> None:
     assert record["settings"]["budget"] == "4" and record["stage"] == "select" and record["poise_version"]
 
 
+def test_a_setting_added_since_at_its_none_default_resumes_an_older_folder(matrix_files) -> None:
+    """A folder written before a setting existed (here select's `stratify`) lacks the key; the new setting at
+    None, its "off" default, computes the same thing, so the folder resumes; any other value is a change."""
+    config = _select(matrix_files)
+    provenance.open_folder(config.out, "select", config)
+    provenance.mark_complete(config.out)
+    path = Path(config.out) / ARGUMENTS_FILE
+    record = json.loads(path.read_text())
+    del record["settings"]["stratify"]
+    path.write_text(json.dumps(record))
+    assert provenance.open_folder(config.out, "select", config).complete
+    with pytest.raises(PoiseError, match="stratify: None -> 'dataset'"):
+        provenance.open_folder(config.out, "select", _select(matrix_files, method="random", stratify="dataset"))
+
+
 def test_execution_only_settings_are_not_compared(matrix_files) -> None:
     """overwrite, device, batch sizes ...: changing them reopens the same folder (and reruns nothing)."""
     a = EvaluateConfig(model="m", out=str(matrix_files / "ev"), data=["x"], batch_size=8, device="cpu")

@@ -5,6 +5,8 @@ reads (`scores.npy`, `columns.jsonl`, `rows.jsonl`, `info.json`); the weights de
 mean learning rate (LESS), normalised to sum 1. Feature stores of any kind (float32, float16, int8, 1bit) are
 dequantised one chunk of training rows at a time; train and validation stores may be of different kinds (the
 cosine takes unit rows of whatever each store reads back), but must share model, checkpoint and projector.
+With `--rds` the features are representations and the matrix is of kind `rds`, or `rds+` when they were pooled
+as RDS+ pools them (`--pooling weighted-mean`).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def compute_attribution(config: Any, progress=None) -> Path:
             raise PoiseError(f"{tpath}: its rows differ from {config.train[0]} (another data set or order)")
         if vids != v0[1]:
             raise PoiseError(f"{vpath}: its rows differ from {config.val[0]} (another data set or order)")
-        for key in ("projection", "seed", "parameters", "model"):
+        for key in ("projection", "seed", "parameters", "model", "pooling"):
             if not _same(key, tinfo, t0[2]):
                 raise PoiseError(f"{tpath}: made with a different {key} than {config.train[0]}")
     missing_task = [row["id"] for row in v0[1] if not row.get("task")]
@@ -113,7 +115,9 @@ def compute_attribution(config: Any, progress=None) -> Path:
     total = sum(weights)
     weights = [w / total for w in weights]
 
-    kind = "rds" if config.rds else "influence"
+    kind = "influence"
+    if config.rds:  # rds+: the representations were pooled as RDS+ pools them (position-weighted mean)
+        kind = "rds+" if (t0[2].get("settings") or {}).get("pooling") == "weighted-mean" else "rds"
     opened = open_folder(config.out, "attribute", config, extra={"normalised_weights": weights})
     out = opened.folder
     if opened.complete:

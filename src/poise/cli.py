@@ -211,6 +211,10 @@ def cmd_select(args: argparse.Namespace) -> int:
         total = sum(counts.values())
         console.print("picks by task served: " + ", ".join(
             f"{task} {n} ({100 * n / total:.0f}%)" for task, n in sorted(counts.items(), key=lambda kv: -kv[1])))
+    strata = selection.arguments.get("strata_counts")
+    if strata:
+        console.print(f"picks by {selection.arguments.get('stratify')}: "
+                      + ", ".join(f"{value} {n}" for value, n in strata.items()))
     return 0
 
 

@@ -129,6 +129,8 @@ class SelectConfig(MatrixConfig):
     pool: str | None = _f(None, "the pool JSONL, in matrix row order: writes its lines in pick order",
                           role="path", pipeline="set")
     seed: int = _f(0, "random seed (method 'random')")
+    stratify: str | None = _f(None, "method random: equal shares per value of this pool field, e.g. dataset "
+                              "(balanced random; a.b reads a nested key); needs --pool", pipeline="set")
     normalize: bool | None = _f(None, "column-normalise before selecting (default: on for bids, off otherwise)")
     tasks: list[str] | None = _f(None, "use only the columns of these tasks (comma-separated)")
     label: str | None = _f(None, "name shown in reports (default: the method)", pipeline="set")
@@ -207,7 +209,8 @@ class FeaturesConfig(DataConfig):
     projection: Projection = _f("sjlt", "sjlt (sparse JL), rademacher (dense, TRAK/LESS) or none", choices=PROJECTIONS)
     dim: int = _f(8192, "projection dimension", low=1)
     seed: int = _f(0, "projection seed")
-    pooling: Pooling = _f("last", "reps only: last non-pad token (RDS) or masked mean (RDS+)", choices=POOLINGS)
+    pooling: Pooling = _f("last", "reps only: last = last non-pad token (LESS's RDS), mean = attention-masked mean, "
+                          "weighted-mean = RDS+'s position-weighted mean (token p weighs p+1)", choices=POOLINGS)
     task: str | None = _f(None, "task of every example (default: the row's 'task', else the file name)", pipeline="set")
     dtype: DType = _f("float32", "model dtype", choices=DTYPES, pipeline="top")
     device: str = _f("cpu", "cpu, cuda, cuda:1, mps ... (under torchrun cuda means each rank's own GPU)",

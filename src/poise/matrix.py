@@ -128,7 +128,7 @@ class AttributionMatrix:
     column_ids: list[Any]
     tasks: list[str]
     row_ids: list[Any] | None = None  # None: the row index is the id
-    kind: str | None = None  # "influence", "rds" or None (unknown)
+    kind: str | None = None  # "influence", "rds", "rds+" or None (unknown): poise.options.MATRIX_KINDS
     source: str | None = None  # where it was read from, for messages and provenance
     #: the stored columns this matrix is made of, in order (a view of a memory-mapped matrix, nothing copied);
     #: None: all of `scores`. Read the scores through read_block / read_rows / iter_chunks, which apply it.

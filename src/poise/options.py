@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-SelectionMethod = Literal["bids", "instance-max", "task-max", "sum", "random", "rds"]
+SelectionMethod = Literal["bids", "instance-max", "task-max", "sum", "random", "rds", "round-robin", "task-round-robin",
+                          "rds+"]
 """Selection rules of docs/design.md §2.5 (BIDS paper, Appendix A.3 and Algorithm 1)."""
 
-MatrixKind = Literal["influence", "rds"]
-"""What an attribution matrix holds: gradient influence (LESS) or representation cosine similarity (RDS)."""
+MatrixKind = Literal["influence", "rds", "rds+"]
+"""What an attribution matrix holds: gradient influence (LESS), representation cosine similarity (RDS), or
+representation cosines of RDS+'s position-weighted mean pooling (rds+)."""
 
 SELECTION_METHODS: tuple[str, ...] = get_args(SelectionMethod)
 MATRIX_KINDS: tuple[str, ...] = get_args(MatrixKind)
@@ -22,8 +24,9 @@ AdamFormula = Literal["less", "textbook"]
 Projection = Literal["sjlt", "rademacher", "none"]
 """sjlt: sparse JL (CountSketch), O(n); rademacher: dense +-1 (TRAK/LESS), O(n*d); none: the raw gradient."""
 
-Pooling = Literal["last", "mean"]
-"""RDS representation: last non-pad token (LESS's RDS) or attention-masked mean (RDS+)."""
+Pooling = Literal["last", "mean", "weighted-mean"]
+"""RDS representation: the last non-pad token (LESS's RDS), the attention-masked mean, or RDS+'s position-weighted
+mean (token p of an example, counted from 0, weighs p+1; Ivison et al. 2025)."""
 
 Template = Literal["auto", "chat", "tulu", "tulu-less", "plain"]
 """Rendering: the tokenizer's chat template when it has one (auto), always it (chat), the tulu format (tulu), the

@@ -117,7 +117,8 @@ def open_folder(out: str | Path | None, stage: str, config: Any, *, extra: dict[
     overwrite = bool(getattr(config, "overwrite", False))
     new = settings(config, extra)
     record = stored(folder)
-    same = record is not None and record.get("settings") == new and record.get("stage") == stage
+    # a key missing from an older folder reads as None: a setting added since, at its "off" default, matches it
+    same = record is not None and record.get("stage") == stage and not differences(record.get("settings") or {}, new)
     abandoned = record is not None and not same and not record.get("complete") and _holds_only_arguments(folder)
     if abandoned:  # opened before, but no work done (an input error stopped it): nothing to keep
         record = None

@@ -1,7 +1,8 @@
 """The `poise features` stage: data set + checkpoint -> one row of features per example.
 
 Kinds: `adam` (training examples: LESS's Adam map of the gradient, using the checkpoint's moments),
-`sgd` (validation examples: the plain gradient) and `reps` (RDS: a final-layer representation).
+`sgd` (validation examples: the plain gradient) and `reps` (RDS: a final-layer representation, pooled over the
+tokens as `--pooling` says: last token, mean, or RDS+'s position-weighted mean).
 Gradients are exact per-example LoRA gradients from one batched backward pass (capture.py), projected
 parameter by parameter (projection.py) and L2-normalised (unless `--projection none`).
 
@@ -161,7 +162,11 @@ def run_features(config: FeaturesConfig) -> Path:
 
 
 def _representations(model: Any, batch: dict, pooling: str):
-    """(b, hidden) L2-normalised final-layer states: last non-pad token, or the masked mean."""
+    """(b, hidden) L2-normalised final-layer states: last non-pad token, the masked mean, or RDS+'s weighted mean.
+
+    weighted-mean: token p of an example (p = 0, 1, ... counted over its real tokens, so left and right padding
+    agree) weighs (p+1) / sum_q (q+1); pad tokens weigh 0 (RDS+, Ivison et al. 2025, after SGPT).
+    """
     import torch
 
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
@@ -175,6 +180,10 @@ def _representations(model: Any, batch: dict, pooling: str):
     mask = batch["attention_mask"]  # (b, t)
     if pooling == "mean":
         reps = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    elif pooling == "weighted-mean":
+        real = mask.to(hidden.dtype)
+        weights = real.cumsum(1) * real  # p+1 at a real token (p its position in the example), 0 at a pad
+        reps = (hidden * (weights / weights.sum(1, keepdim=True))[..., None]).sum(1)
     else:
         positions = torch.arange(mask.shape[1], device=mask.device)
         last = (mask * positions).argmax(dim=1)  # (b,)

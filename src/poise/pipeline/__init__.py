@@ -6,8 +6,12 @@ keys are that stage's own settings (the same classes behind `poise warmup --help
 the paths the pipeline fills in itself. The run directory gets
 
     data/ (only with `demo_data:`)   warmup/   features/<checkpoint>/{train,val}/   features/reps/{train,val}/
-    attribution/   attribution-rds/   selections/<method>-<budget>/   training/<method>-<budget>[-seed<k>]/
-    evaluation/<run>/   report/   config.yaml (the resolved config)   pipeline.json (what is done)
+    features/reps-rds+/{train,val}/   attribution/   attribution-rds/   attribution-rds+/
+    selections/<method>-<budget>/   training/<method>-<budget>[-seed<k>]/   evaluation/<run>/   report/
+    config.yaml (the resolved config)   pipeline.json (what is done)
+
+(the reps folders and their attribution-rds[+] only when a selection method needs that matrix: rds reads
+representations at the last warmup checkpoint, rds+ those of the base model, pooled as RDS+ pools them).
 
 Each unit of work (one folder) has a fingerprint: its own settings plus the fingerprints of what it reads.
 A rerun skips a unit whose fingerprint is unchanged and whose outputs are complete, continues one that

@@ -271,18 +271,16 @@ def estimate_units(config: Any, inputs: Any, units: list[Any], throughput: Throu
         elif unit.stage == "features":
             data = pool if unit.name.endswith("/train") else validation
             tokens = data.tokens
-            if c.kind == "reps":
-                import transformers
-
-                hidden = int(transformers.AutoConfig.from_pretrained(_folder(config.model)).hidden_size)
-                disk += round(data.kept * bytes_per_example(c.output_dtype, hidden))
+            if c.kind == "reps":  # a forward pass, at a checkpoint (rds) or of the base model (rds+)
+                disk += round(data.kept * bytes_per_example(c.output_dtype, _hidden_size(config.model)))
                 seconds = tokens / speed.forward
             else:
                 disk += round(data.kept * bytes_per_example(c.output_dtype, c.dim))
                 seconds = tokens / speed.features
             disk += round(data.kept * data.id_bytes)
         elif unit.stage == "attribute":
-            dims = next((u.config.dim for u in units if u.stage == "features" and str(u.config.out) in c.train), 8192)
+            dims = _hidden_size(config.model) if c.rds else next(
+                (u.config.dim for u in units if u.stage == "features" and str(u.config.out) in c.train), 8192)
             disk += pool.kept * n_val * 4 + round(pool.kept * pool.row_bytes)
             seconds = 2 * pool.kept * n_val * dims * len(c.train) / speed.matmul
         elif unit.stage == "select":
@@ -304,6 +302,13 @@ def estimate_units(config: Any, inputs: Any, units: list[Any], throughput: Throu
         seconds += UNIT_SECONDS.get(unit.stage, 0.0)
         out.append(Estimate(unit.name, unit.stage, tokens, disk, seconds))
     return out, speed
+
+
+def _hidden_size(model: str) -> int:
+    """The width of the model's final-layer states (the dimension of representation features)."""
+    import transformers
+
+    return int(transformers.AutoConfig.from_pretrained(_folder(model)).hidden_size)
 
 
 def _folder(model: str) -> str:

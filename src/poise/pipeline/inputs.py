@@ -50,6 +50,25 @@ def _data_files(entries: Sequence[str], what: str) -> list[Path]:
     return files
 
 
+def _check_strata(config: RunConfig, pool: Path) -> None:
+    """With a `-stratified` method, every pool row has the `select.stratify` field (said now, not after the
+    features)."""
+    from poise.pipeline.runconfig import parse_method
+    from poise.selection import count_pool_lines, pool_strata
+
+    section = config.section("select")
+    if not section["stratify"] or not any(parse_method(m, "select.methods").stratified for m in section["methods"]):
+        return
+    if not pool.is_file():
+        raise PoiseError(f"select.stratify: the pool {pool} is not a file; a stratified selection reads the field "
+                         "from a JSONL pool")
+    try:
+        lines = count_pool_lines(pool)
+        pool_strata(pool, lines, section["stratify"], list(range(1, len(lines) + 1)))
+    except PoiseError as exc:
+        raise PoiseError(f"select.stratify: {exc}") from None
+
+
 def check_inputs(config: RunConfig, pool: str, validation: str, evaluation: str | None) -> Inputs:
     """Read and check every input file (no model): one error line naming the file or key."""
     from poise.data import read_examples
@@ -89,6 +108,7 @@ def check_inputs(config: RunConfig, pool: str, validation: str, evaluation: str 
             parse_budget(budget, n_pool)
         except PoiseError as exc:
             raise PoiseError(f"select.budgets: {exc}") from None
+    _check_strata(config, pool_path)
     digests = {"pool": _digest_files([pool_path] if pool_path.is_file() else sorted(pool_path.rglob("*.*"))),
                "validation": _digest_files(val_files)}
     if eval_files:

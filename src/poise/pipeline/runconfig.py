@@ -30,7 +30,7 @@ from poise.config import (
     read_yaml,
     setting,
 )
-from poise.errors import PoiseError
+from poise.errors import PoiseError, warn
 from poise.options import TEMPLATES
 
 #: The stages in the order they run (`--from` / `--until` take these names).
@@ -39,6 +39,8 @@ STAGES: tuple[str, ...] = ("data", "warmup", "features", "attribute", "select", 
 DISTRIBUTED_STAGES = frozenset({"warmup", "features", "train"})
 #: Method variants: `<method>-norm` / `<method>-raw` force column normalisation on or off (the ablations).
 VARIANTS = {"norm": True, "raw": False}
+#: `<method>-stratified`: a method that draws at random (random) draws equal shares per value of `select.stratify`.
+STRATIFIED = "stratified"
 
 
 # --------------------------------------------------------------------- the pipeline's own keys of a section
@@ -54,8 +56,11 @@ class SelectPlan:
     """Pipeline-only keys of the `select` section."""
 
     methods: list[str] = setting(["bids", "task-max", "instance-max", "sum", "rds", "random"],
-                                 "methods, each at every budget; <method>-norm / <method>-raw force normalisation")
+                                 "methods, each at every budget; <method>-norm / <method>-raw force normalisation; "
+                                 "random-stratified: random with equal shares per value of select.stratify")
     budgets: list[str] = setting(["0.1"], "budgets: counts (4500) or fractions of the pool (0.1)")
+    stratify: str | None = setting(None, "the pool field (e.g. dataset; a.b a nested key) whose values the "
+                                         "random-stratified entries of methods draw equal shares of")
 
 
 @dataclass
@@ -225,7 +230,7 @@ def _parse_section(name: str, value: Any, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, item in value.items():
         key_name = str(key).replace("-", "_")
-        if key_name in MANAGED[name]:
+        if key_name in MANAGED[name] and key_name not in EXTRAS.get(name, {}):
             hint = " (set it at the top level)" if key_name in TOP_LEVEL else " (the pipeline sets it)"
             raise PoiseError(f"{where}: {name}.{key}: not a setting of a run config{hint}")
         if key_name not in allowed:
@@ -253,28 +258,54 @@ def _check_extra(section: str, key: str, value: Any, where: str) -> Any:
             raise PoiseError(f"{what}: {value} lists an entry twice")
         if key == "methods":
             for method in value:
-                split_method(method, what)
+                parse_method(method, what)
+    if isinstance(value, str) and not value.strip():
+        raise PoiseError(f"{what}: expected a name, got an empty one")
     return value
 
 
-def split_method(entry: str, what: str) -> tuple[str, bool | None]:
-    """`bids` -> (bids, None); `instance-max-norm` -> (instance-max, True); unknown names are an error."""
+@dataclass(frozen=True)
+class MethodEntry:
+    """One entry of `select.methods`: the registered method and what its suffix asks for."""
+
+    method: str
+    normalize: bool | None = None  # -norm / -raw force normalisation on or off; None: the method's default
+    stratified: bool = False  # -stratified: draw equal shares per value of select.stratify
+
+
+def parse_method(entry: str, what: str) -> MethodEntry:
+    """`bids` -> bids; `instance-max-norm` -> instance-max, normalised; `random-stratified` -> random,
+    stratified (only a method that draws without reading the scores). Unknown names are an error."""
     from poise.selection import METHODS
 
     if entry in METHODS:
-        return entry, None
+        return MethodEntry(entry)
     base, _, variant = entry.rpartition("-")
     if base in METHODS and variant in VARIANTS and METHODS[base].has_variants:
-        return base, VARIANTS[variant]
-    names = [*METHODS, *(f"{m}-{v}" for m, method in METHODS.items() if method.has_variants for v in VARIANTS)]
+        return MethodEntry(base, normalize=VARIANTS[variant])
+    if base in METHODS and variant == STRATIFIED:
+        if METHODS[base].uses_scores:
+            drawn = ", ".join(f"{m}-{STRATIFIED}" for m, method in METHODS.items() if not method.uses_scores)
+            raise PoiseError(f"{what}: {entry!r}: only a method that draws at random can be stratified ({drawn}); "
+                             f"{base} reads the scores")
+        return MethodEntry(base, stratified=True)
+    names = [*METHODS, *(f"{m}-{v}" for m, method in METHODS.items() if method.has_variants for v in VARIANTS),
+             *(f"{m}-{STRATIFIED}" for m, method in METHODS.items() if not method.uses_scores)]
     raise PoiseError(f"{what}: unknown method {entry!r}{_closest(entry, names)}")
+
+
+def split_method(entry: str, what: str) -> tuple[str, bool | None]:
+    """`bids` -> (bids, None); `instance-max-norm` -> (instance-max, True); unknown names are an error
+    (`parse_method` also says whether the entry is stratified)."""
+    parsed = parse_method(entry, what)
+    return parsed.method, parsed.normalize
 
 
 def method_of(entry: str) -> Any:
     """The registry's record of a (checked) method entry such as `bids` or `instance-max-norm`."""
     from poise.selection import METHODS
 
-    return METHODS[split_method(entry, "select.methods")[0]]
+    return METHODS[parse_method(entry, "select.methods").method]
 
 
 def check_config(config: RunConfig, where: str) -> None:
@@ -284,6 +315,14 @@ def check_config(config: RunConfig, where: str) -> None:
     if missing:
         raise PoiseError(f"{where}: train.methods: {', '.join(missing)} not in select.methods "
                          f"({', '.join(select['methods'])})")
+    stratified = [m for m in select["methods"] if parse_method(m, f"{where}: select.methods").stratified]
+    if stratified and not select["stratify"]:
+        verb = "needs" if len(stratified) == 1 else "need"
+        raise PoiseError(f"{where}: select.methods: {', '.join(stratified)} {verb} select.stratify, the pool field "
+                         "whose values get equal shares (e.g. stratify: dataset)")
+    if select["stratify"] and not stratified:
+        warn(f"{where}: select.stratify: {select['stratify']} is read only by a -stratified entry of select.methods "
+             "(random-stratified), and there is none")
     if config.section("features")["checkpoints"] is not None:
         epochs = config.section("warmup")["epochs"]
         bad = [k for k in config.section("features")["checkpoints"] if not 1 <= k <= epochs]

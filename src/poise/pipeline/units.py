@@ -17,6 +17,7 @@ from typing import Any
 
 from poise import provenance
 from poise.config import from_dict
+from poise.errors import PoiseError
 from poise.pipeline.inputs import Inputs
 from poise.pipeline.runconfig import SECTIONS, RunConfig, method_of, split_method
 
@@ -88,8 +89,9 @@ def _warmup(plan: _Plan) -> None:
 
 
 def _features(plan: _Plan) -> None:
-    """Gradient features of the pool and the validation sets at each chosen checkpoint; representations at the
-    last one when a selection method needs them."""
+    """Gradient features of the pool and the validation sets at each chosen checkpoint; representations when a
+    selection method needs them: for `rds` at the last checkpoint (features.pooling), for `rds+` from the base
+    model with RDS+'s position-weighted mean (no checkpoint, so they do not wait for the warmup)."""
     from poise.features.stage import run_features
 
     section = plan.config.section("features")
@@ -98,20 +100,30 @@ def _features(plan: _Plan) -> None:
     data = {"train": ([str(inputs.pool)], inputs.digests["pool"]),
             "val": (inputs.validation, inputs.digests["validation"])}
 
-    def add(name: str, kind: str, split: str, checkpoint: int) -> None:
+    def add(name: str, kind: str, split: str, checkpoint: int | None, **values: Any) -> None:
+        folder = plan.folder(f"warmup/checkpoint-{checkpoint}") if checkpoint is not None else None
         fc = plan.stage_config("features", section, name, data=data[split][0], out=plan.folder(name), kind=kind,
-                               checkpoint=plan.folder(f"warmup/checkpoint-{checkpoint}"))
-        plan.add("features", name, fc, ["warmup"], lambda: run_features(fc), {"inputs": data[split][1]})
+                               checkpoint=folder, **values)
+        plan.add("features", name, fc, ["warmup"] if checkpoint is not None else [], lambda: run_features(fc),
+                 {"inputs": data[split][1]})
 
     for k in chosen:
         for split, kind in (("train", "adam"), ("val", "sgd")):
             add(f"features/checkpoint-{k}/{split}", kind, split, k)
         plan.feature_pairs.setdefault("influence", []).append((f"features/checkpoint-{k}/train",
                                                                f"features/checkpoint-{k}/val"))
-    if any(method_of(m).requires_kind == "rds" for m in plan.config.section("select")["methods"]):
+    kinds = {method_of(m).requires_kind for m in plan.config.section("select")["methods"]}
+    if "rds" in kinds:
+        if section["pooling"] == "weighted-mean":
+            raise PoiseError("features.pooling=weighted-mean makes an rds+ matrix, which the rds method refuses; "
+                             "select rds+ instead of rds, or set features.pooling to last or mean")
         for split in ("train", "val"):
             add(f"features/reps/{split}", "reps", split, chosen[-1])
         plan.feature_pairs["rds"] = [("features/reps/train", "features/reps/val")]
+    if "rds+" in kinds:
+        for split in ("train", "val"):
+            add(f"features/reps-rds+/{split}", "reps", split, None, pooling="weighted-mean")
+        plan.feature_pairs["rds+"] = [("features/reps-rds+/train", "features/reps-rds+/val")]
 
 
 def _attribute(plan: _Plan) -> None:
@@ -121,7 +133,8 @@ def _attribute(plan: _Plan) -> None:
     for kind, pairs in plan.feature_pairs.items():
         name = "attribution" if kind == "influence" else f"attribution-{kind}"
         ac = plan.stage_config("attribute", section, name, train=[plan.folder(t) for t, _ in pairs],
-                               val=[plan.folder(v) for _, v in pairs], out=plan.folder(name), rds=kind == "rds")
+                               val=[plan.folder(v) for _, v in pairs], out=plan.folder(name),
+                               rds=kind != "influence")
         plan.add("attribute", name, ac, [p for pair in pairs for p in pair],
                  _with_progress(compute_attribution, ac, "attribute", "rows"))
         plan.matrices[kind] = name
@@ -129,13 +142,15 @@ def _attribute(plan: _Plan) -> None:
 
 def _select(plan: _Plan) -> None:
     """Each method at each budget; a method that draws (random) draws once per training seed when there are
-    several, so that its draw varies with the seed too."""
+    several, so that its draw varies with the seed too; a `-stratified` entry draws by `select.stratify`."""
+    from poise.pipeline.runconfig import parse_method
     from poise.selection.stage import run_select
 
     section = plan.config.section("select")
     seeds = _seeds(plan)
     for entry in section["methods"]:
         base, normalize = split_method(entry, "select.methods")
+        stratified = parse_method(entry, "select.methods").stratified
         method = method_of(entry)
         matrix = plan.matrices[method.requires_kind or "influence"]
         draws = [(section["seed"] + k, f"-seed{seed}", f"@{seed}") for k, seed in enumerate(seeds)] \
@@ -147,7 +162,8 @@ def _select(plan: _Plan) -> None:
                                        seed=seed if not method.uses_scores else 0,  # only a draw's seed matters
                                        tasks=section["tasks"], attribution=plan.folder(matrix),
                                        normalize=section["normalize"] if normalize is None else normalize,
-                                       out=plan.folder(name), pool=str(plan.inputs.pool))
+                                       out=plan.folder(name), pool=str(plan.inputs.pool),
+                                       stratify=section["stratify"] if stratified else None)
                 plan.add("select", name, sc, [matrix], _with_progress(run_select, sc, f"select {entry}", "steps"),
                          {"pool": plan.inputs.digests["pool"]})
                 plan.picks[f"{entry}-{budget}{key}"] = name

@@ -98,7 +98,7 @@ def with_recorded_matrix(selection: Selection, config: Any) -> Any:
         raise PoiseError(
             "the selection does not record its matrix; give --attribution DIR or --scores FILE --columns FILE"
         )
-    if settings.get("method") == "rds":
+    if settings.get("method") in ("rds", "rds+"):
         raise PoiseError(
             "the first selection was made on an RDS similarity matrix; give the influence matrix to report "
             "on with --attribution DIR or --scores FILE --columns FILE"

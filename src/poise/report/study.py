@@ -176,7 +176,7 @@ def markdown_tables(rows: Sequence[dict[str, Any]], metric: str = "nll", digits:
         return (f"| {entry['method']} | {entry['budget'] or '–'} | {entry['seeds']} | " + " | ".join(cells) +
                 f" | {_cell(entry['macro'], digits)} | {_cell(entry['worst'], digits)} |\n")
 
-    order = {m: k for k, m in enumerate(("base", "random", "task-max", "instance-max", "sum", "rds",
+    order = {m: k for k, m in enumerate(("base", "random", "task-max", "instance-max", "sum", "rds", "rds+",
                                          "instance-max-norm", "bids-raw", "bids", "bids-epochs4", "full"))}
     ranked = sorted(summary, key=lambda e: (str(e["budget"] or ""), order.get(e["method"], 99), e["method"]))
     text = [f"**Table 2 layout: {metric} ({direction}), mean ± 95% t interval over training seeds**\n\n", head, rule]
@@ -294,8 +294,9 @@ def overlap_table(entries: Sequence[dict[str, Any]]) -> str:
     return "".join(text)
 
 
-#: The paper's orderings this study checks: (name, better method, worse method, budget of the worse one
-#: relative to the better: "same" or None for the full pool). "Better" means the paper found it better.
+#: The paper's orderings this study checks, then BIDS against the peers' rules: (name, better method, worse
+#: method, budget of the worse one relative to the better: "same" or None for the full pool). "Better" means the
+#: paper found it better (for the peers' rules: the first named is the one put to the test).
 CLAIMS = (
     ("normalisation: instance-max (raw) -> instance-max (normalised)", "instance-max-norm", "instance-max", "same"),
     ("iteration: instance-max (normalised) -> BIDS", "bids", "instance-max-norm", "same"),
@@ -304,6 +305,11 @@ CLAIMS = (
     ("BIDS over task-max (LESS)", "bids", "task-max", "same"),
     ("a BIDS subset over the full pool", "bids", "full", None),
     ("a BIDS subset trained for 4 epochs over the full pool", "bids-epochs4", "full", None),
+    # the peers' balancing rules (not claims of the BIDS paper: the comparisons its results raise)
+    ("BIDS over round-robin (RDS+'s per-instance turn)", "bids", "round-robin", "same"),
+    ("BIDS over RDS+", "bids", "rds+", "same"),
+    ("BIDS over balanced random (stratified by source)", "bids", "random-stratified", "same"),
+    ("round-robin over random", "round-robin", "random", "same"),
 )
 
 
@@ -408,7 +414,8 @@ def orderings_table(entries: Sequence[dict[str, Any]], metric: str = "nll", digi
     def items(value: dict[str, Any]) -> str:
         return "–" if math.isnan(value["items_ci"]) else f"± {value['items_ci']:.{digits}f}"
 
-    text = [f"**The paper's orderings ({metric}; paired by training seed, claimed-better minus claimed-worse: a "
+    text = [f"**The paper's orderings, and BIDS against the peers' balancing rules ({metric}; paired by training "
+            "seed, claimed-better minus claimed-worse: a "
             f"{sign} difference agrees with the paper; ± is the 95% half-width over training seeds, then the one "
             "from the held-out items; beyond noise means beyond both)**\n\n",
             "| claim | budget | pairs | macro-average difference | items | verdict | worst difference | items | "

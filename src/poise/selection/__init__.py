@@ -3,6 +3,7 @@
 `select(matrix, method=..., budget=...)` runs one registered method and returns a `Selection`: the
 picks in order and, per pick, its score (or BIDS gain) and the validation column and task it served.
 `write_selection` / `read_selection` persist it as `selection.json` (+ `selected.jsonl` with a pool).
+`pool_strata` reads a pool field into strata for a stratified (balanced) random draw.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from poise.errors import PoiseError, warn
 from poise.files import SELECTED_FILE, SELECTION_FILE
 from poise.io import atomic_write_json, atomic_write_lines, read_json
 from poise.matrix import AttributionMatrix
+from poise.selection import balance as _balance  # noqa: F401  (registers the round-robin rules)
 from poise.selection import bids as _bids  # noqa: F401  (registers "bids")
 from poise.selection import rules as _rules  # noqa: F401  (registers the top-B rules)
 from poise.selection.registry import METHODS, Context, Picks, get_method, parse_budget
 from poise.version import __version__
 
-__all__ = ["METHODS", "Selection", "select", "parse_budget", "read_selection", "write_selection"]
+__all__ = ["METHODS", "Selection", "select", "parse_budget", "pool_strata", "read_selection", "write_selection"]
 
 
 @dataclass
@@ -42,9 +44,11 @@ class Selection:
 
     @property
     def label(self) -> str:
-        """Short name for tables and plots, e.g. `bids`, `bids (raw)`, `instance-max (norm)`."""
+        """Short name for tables and plots, e.g. `bids`, `bids (raw)`, `instance-max (norm)`, `random-stratified`."""
         if self.arguments.get("label"):
             return str(self.arguments["label"])
+        if "strata_counts" in self.arguments:
+            return f"{self.method}-stratified"
         default = METHODS[self.method].normalize_default if self.method in METHODS else False
         if self.method == "random" or self.normalize == default:
             return self.method
@@ -71,18 +75,27 @@ def select(
     tasks: list[str] | None = None,
     progress=None,
     label: str | None = None,
+    strata: tuple[np.ndarray, list[str]] | None = None,
+    stratify: str | None = None,
 ) -> Selection:
     """Select `budget` rows of `matrix` with `method` (see `poise.selection.METHODS`).
 
     budget: an int is a count, a float in (0, 1] a fraction of the pool (floored).
     normalize: column-normalise before scoring; default per method (True for bids only).
     tasks: restrict to the columns of these tasks.
+    strata: (int64 code of each row, the sorted values the codes stand for), e.g. from `pool_strata`: a method
+    that draws (random) draws equal shares per value; `stratify` names the field they come from (recorded).
     """
     spec = get_method(method)
+    if strata is not None:
+        _check_strata(strata, spec.uses_scores, method, matrix.n_rows)
     if spec.requires_kind and matrix.kind not in (None, spec.requires_kind):
+        how = {"rds": "`poise attribute --rds` on `poise features --kind reps` features",
+               "rds+": "`poise attribute --rds` on `poise features --kind reps --pooling weighted-mean` features made "
+                       "without --checkpoint (the base model)"}.get(spec.requires_kind, "`poise attribute`")
         raise PoiseError(
             f"method {method!r} needs a {spec.requires_kind} matrix, but {matrix.source or 'this matrix'} "
-            f"is a {matrix.kind} matrix (build one with `poise attribute --rds`)"
+            f"is a {matrix.kind} matrix (build one with {how})"
         )
     if tasks:
         matrix = matrix.select_tasks(tasks)
@@ -92,7 +105,9 @@ def select(
     scored = matrix
     if do_normalize and method != "random":
         scored, columns = _without_constant_columns(matrix)
-    picks: Picks = spec.fn(scored, count, Context(normalize=do_normalize, seed=seed, progress=progress))
+    codes, names = (np.asarray(strata[0], dtype=np.int64), [str(n) for n in strata[1]]) if strata else (None, None)
+    picks: Picks = spec.fn(scored, count, Context(normalize=do_normalize, seed=seed, progress=progress,
+                                                  strata=codes, strata_names=names))
     picks.columns = np.where(picks.columns < 0, picks.columns, columns[np.maximum(picks.columns, 0)])
     trace = []
     for rank, (row, score, col) in enumerate(zip(picks.rows.tolist(), picks.scores.tolist(),
@@ -108,6 +123,8 @@ def select(
                 "task": None if col < 0 else matrix.tasks[col],
             }
         )
+        if codes is not None and names is not None:
+            trace[-1]["stratum"] = names[int(codes[row])]
     budget = _as_number(budget)
     arguments = {
         "method": method,
@@ -120,6 +137,10 @@ def select(
         "matrix_shape": [matrix.n_rows, matrix.n_columns],
         "poise_version": __version__,
     }
+    if codes is not None and names is not None:
+        picked = np.bincount(codes[picks.rows], minlength=len(names))
+        arguments["stratify"] = stratify
+        arguments["strata_counts"] = {name: int(n) for name, n in zip(names, picked.tolist(), strict=True)}
     if label:
         arguments["label"] = label
     return Selection(
@@ -131,6 +152,21 @@ def select(
         normalize=do_normalize,
         arguments=arguments,
     )
+
+
+def _check_strata(strata: tuple[np.ndarray, list[str]], uses_scores: bool, method: str, n_rows: int) -> None:
+    """A code per matrix row, each naming one of the values; only for a method that draws at random."""
+    if uses_scores:
+        raise PoiseError(f"method {method!r} reads the scores; strata (stratify) are only for a method that draws "
+                         f"at random ({', '.join(m for m, spec in METHODS.items() if not spec.uses_scores)})")
+    codes, names = strata
+    codes = np.asarray(codes)
+    if codes.shape != (n_rows,) or not np.issubdtype(codes.dtype, np.integer):
+        raise PoiseError(f"strata: expected one integer code per matrix row ({n_rows}), got an array of shape "
+                         f"{codes.shape} and dtype {codes.dtype}")
+    if n_rows and (codes.min() < 0 or codes.max() >= len(names)):
+        raise PoiseError(f"strata: codes must lie in [0, {len(names)}) (one per value), got "
+                         f"{int(codes.min())}..{int(codes.max())}")
 
 
 def _without_constant_columns(matrix: AttributionMatrix) -> tuple[AttributionMatrix, np.ndarray]:
@@ -180,12 +216,17 @@ def count_pool_lines(pool: str | os.PathLike) -> list[str]:
 
 def check_pool(pool: str | os.PathLike, matrix: AttributionMatrix) -> list[str]:
     """Read the pool and check it lines up with the matrix rows (count, and ids where both have them)."""
+    return match_pool(pool, matrix)[0]
+
+
+def match_pool(pool: str | os.PathLike, matrix: AttributionMatrix) -> tuple[list[str], list[int]]:
+    """`check_pool`, with each line's number in the pool (counting its non-blank lines, from 1)."""
     lines = count_pool_lines(pool)
     if len(lines) != matrix.n_rows:
         matched = _match_by_id(pool, lines, matrix)
         if matched is None:
             raise PoiseError(f"{pool}: {len(lines)} examples but the matrix has {matrix.n_rows} rows")
-        return matched
+        return [lines[k] for k in matched], [k + 1 for k in matched]
     if matrix.row_ids is not None:
         for number, (line, row_id) in enumerate(zip(lines, matrix.row_ids, strict=True), start=1):
             try:
@@ -197,12 +238,13 @@ def check_pool(pool: str | os.PathLike, matrix: AttributionMatrix) -> list[str]:
                     f"{pool}:{number}: id {obj['id']!r} does not match matrix row id {row_id!r}; "
                     "the pool must be in the matrix's row order"
                 )
-    return lines
+    return lines, list(range(1, len(lines) + 1))
 
 
-def _match_by_id(pool: str | os.PathLike, lines: list[str], matrix: AttributionMatrix) -> list[str] | None:
-    """The pool lines of the matrix rows, by id, when the matrix holds fewer rows than the pool: the features
-    stage leaves out examples without a target token within max_seq_length. None when ids do not match."""
+def _match_by_id(pool: str | os.PathLike, lines: list[str], matrix: AttributionMatrix) -> list[int] | None:
+    """The indices of the pool lines of the matrix rows, by id, when the matrix holds fewer rows than the pool:
+    the features stage leaves out examples without a target token within max_seq_length. None when ids do not
+    match."""
     if matrix.row_ids is None or matrix.n_rows > len(lines):
         return None
     from poise.data import read_examples
@@ -218,7 +260,65 @@ def _match_by_id(pool: str | os.PathLike, lines: list[str], matrix: AttributionM
         return None
     warn(f"{pool}: {len(lines) - matrix.n_rows} of its {len(lines)} examples have no row in the matrix (left out "
          "when the features were computed: no target token within max_seq_length); the others are matched by id")
-    return [lines[where[str(row_id)]] for row_id in matrix.row_ids]
+    return [where[str(row_id)] for row_id in matrix.row_ids]
+
+
+def pool_strata(
+    pool: str | os.PathLike, lines: list[str], field: str, line_numbers: list[int] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """The stratum of each pool line (in matrix row order, as `check_pool` returns them): an int64 code per line
+    and the sorted distinct values of `field` (as text) the codes stand for.
+
+    `field` names a key of each row; a dotted name (`meta.source`) a nested one, unless the row has the dotted
+    name itself as a key. A row without it, or with a list, mapping or null there, is an error naming
+    `pool:LINE` (`line_numbers`: each line's number in the pool; without them the row and its id) and the
+    fields the row has.
+    """
+    values: list[str] = []
+    for k, line in enumerate(lines):
+        where = f"{pool}:{line_numbers[k]}" if line_numbers is not None else f"{pool}: row {k}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PoiseError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise PoiseError(f"{where}: expected a JSON object with field {field!r} (stratify), got "
+                             f"{type(row).__name__}")
+        if line_numbers is None and "id" in row:
+            where += f" (id {row['id']!r})"
+        values.append(_stratum(row, field, where))
+    names = sorted(set(values))
+    index = {name: code for code, name in enumerate(names)}
+    return np.fromiter((index[v] for v in values), dtype=np.int64, count=len(values)), names
+
+
+def _stratum(row: dict[str, Any], field: str, where: str) -> str:
+    """The value of `field` in one pool row, as text."""
+    value: Any = row
+    if field in row:
+        value = row[field]
+    else:
+        parts = field.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(value, dict) or part not in value:
+                inside = ".".join(parts[:depth])
+                if isinstance(value, dict):
+                    has = ", ".join(map(str, value)) or "none"
+                    fields = f"the row has {has}" if not inside else f"the row's {inside} has {has}"
+                else:
+                    fields = f"the row's {inside} is {_kind(value)}"
+                raise PoiseError(f"{where}: no field {field!r} to stratify by ({fields})")
+            value = value[part]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    raise PoiseError(f"{where}: field {field!r} is {_kind(value)}, not one value (text, a number or true/false) to "
+                     f"stratify by (the row has {', '.join(map(str, row))})")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def write_selection(

@@ -38,6 +38,8 @@ class Context:
     normalize: bool
     seed: int
     progress: Callable[[int, int], None] | None = None  # (done, total) callback
+    strata: np.ndarray | None = None  # (n_rows,) int64 code of each row's stratum (random --stratify), or None
+    strata_names: list[str] | None = None  # the value each code stands for, sorted
 
 
 MethodFn = Callable[[AttributionMatrix, int, Context], Picks]

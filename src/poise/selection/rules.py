@@ -80,8 +80,15 @@ def select_rds(matrix: AttributionMatrix, budget: int, ctx: Context) -> Picks:
     return _score_and_take(matrix, budget, ctx, "instance-max")
 
 
-@register("random", uses_scores=False, description="B rows uniformly at random without replacement (seeded)")
+@register("random", uses_scores=False, description="B rows uniformly at random without replacement (seeded); "
+          "with --stratify FIELD, equal shares per value of that pool field (balanced random)")
 def select_random(matrix: AttributionMatrix, budget: int, ctx: Context) -> Picks:
+    if ctx.strata is not None:
+        from poise.selection.balance import stratified_draw
+
+        rows, _ = stratified_draw(ctx.strata, len(ctx.strata_names or []) or int(ctx.strata.max()) + 1, budget,
+                                  ctx.seed)
+        return Picks(rows=rows, scores=np.full(budget, np.nan), columns=np.full(budget, -1, dtype=np.int64))
     rng = np.random.default_rng(ctx.seed)
     rows = rng.choice(matrix.n_rows, size=budget, replace=False).astype(np.int64)
     return Picks(rows=rows, scores=np.full(budget, np.nan), columns=np.full(budget, -1, dtype=np.int64))
