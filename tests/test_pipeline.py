@@ -345,3 +345,20 @@ def test_lm_eval_tasks_without_local_held_out_files_still_get_evaluation_units(i
                            "evaluation/random-0.25"]
     report = next(u for u in units if u.stage == "report")
     assert set(evaluations) <= set(report.needs)
+
+
+def test_each_evaluation_runs_right_after_the_training_it_reads(inputs, tmp_path) -> None:
+    """A run stopped halfway holds whole results: base is evaluated before the first training, every training is
+    followed at once by its evaluation, the report comes last, and every unit still follows what it needs."""
+    data = config(inputs, tmp_path / "run", train__seeds=[0, 1])
+    run_config = pipeline.parse_config(data, "config")
+    found = pipeline.check_inputs(run_config, data["pool"], data["validation"], data["evaluation"])
+    units = pipeline.build_units(run_config, tmp_path / "run", found)
+    names = [u.name for u in units]
+    trainings = [k for k, u in enumerate(units) if u.stage == "train"]
+    assert names[trainings[0] - 1] == "evaluation/base"
+    for k in trainings:
+        assert units[k + 1].stage == "evaluate" and units[k + 1].needs == [units[k].name]
+    assert units[-1].stage == "report"
+    for k, unit in enumerate(units):
+        assert set(unit.needs) <= set(names[:k]), unit.name

@@ -76,7 +76,28 @@ def build_units(config: RunConfig, run: Path, inputs: Inputs) -> list[Unit]:
     plan = _Plan(config, run, inputs)
     for stage in (_warmup, _features, _attribute, _select, _train, _evaluate, _report):
         stage(plan)
-    return plan.units
+    return _evaluations_after_their_training(plan.units)
+
+
+def _evaluations_after_their_training(units: list[Unit]) -> list[Unit]:
+    """The units with each evaluation moved to just after the training it reads (the base model's just before
+    the first training), so a run stopped halfway holds whole results - trained and evaluated - for the seeds
+    and methods it reached, rather than many trainings and no evaluation."""
+    evaluations = [u for u in units if u.stage == "evaluate"]
+    after: dict[str, list[Unit]] = {}
+    for unit in evaluations:
+        after.setdefault(unit.needs[-1] if unit.needs else "", []).append(unit)
+    ordered: list[Unit] = []
+    for unit in units:
+        if unit.stage == "evaluate":
+            continue
+        if unit.stage == "train" and "" in after:
+            ordered.extend(after.pop(""))
+        ordered.append(unit)
+        ordered.extend(after.pop(unit.name, []))
+    ordered.extend(u for group in after.values() for u in group)  # none left unless nothing was trained
+    report = [u for u in ordered if u.stage == "report"]
+    return [u for u in ordered if u.stage != "report"] + report
 
 
 def _warmup(plan: _Plan) -> None:
