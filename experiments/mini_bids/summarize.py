@@ -16,6 +16,8 @@ Writes these files:
   BIDS selections move when the warmup and the projection are redone with another seed.
 - The report's AID, THI and z-score figures, copied; `aid_<budget>.png` and `thi_<budget>.png` show the
   selections of the paper's Figures 3 and 4 (unnormalised, normalised, BIDS, with task-max and random).
+- `balance.md` and `balance_thi_<budget>.png` / `balance_aid_<budget>.png`: the balancing rules (BIDS, round-robin,
+  task-round-robin, RDS+, task-max, balanced and plain random) side by side on the same influence matrix.
 
 With `--epochs4`, the 15% BIDS selection trained for 4 epochs joins the tables as the method
 `bids-epochs4`. It works on a partial run: whatever is evaluated so far is summarised, and `progress.md`
@@ -53,22 +55,68 @@ FIGURES = ("aid_comparison.png", "thi_comparison.png", "zscore_fit.png")
 FIGURE_METHODS = ("random-{b}-seed0", "task-max-{b}", "instance-max-{b}", "instance-max-norm-{b}", "bids-{b}")
 
 
-def paper_figures(run: Path, budget: str, out: Path) -> None:
-    """AID and THI of the Table 3 selections at one budget (paper Figures 3 and 4): aid_<b>.png, thi_<b>.png."""
+#: The balancing rules side by side (docs/study.md, "How the balancing rules differ"): BIDS, the peers' turns,
+#: LESS's task-max and the two random baselines.
+BALANCE_METHODS = ("task-max-{b}", "bids-{b}", "round-robin-{b}", "task-round-robin-{b}", "rds+-{b}",
+                   "random-stratified-{b}-seed0", "random-{b}-seed0")
+
+
+def paper_figures(run: Path, budget: str, out: Path, methods: tuple[str, ...] = FIGURE_METHODS,
+                  prefix: str = "") -> None:
+    """AID and THI of the Table 3 selections at one budget (paper Figures 3 and 4): aid_<b>.png, thi_<b>.png
+    (with a prefix, the same figures of other selections)."""
     import tempfile
 
     from poise.config import ReportConfig
     from poise.report import run_report
 
-    folders = [run / "selections" / m.format(b=budget) for m in FIGURE_METHODS]
+    folders = [run / "selections" / m.format(b=budget) for m in methods]
     if not (run / "attribution").is_dir() or not all((f / "selection.json").is_file() for f in folders):
         return
     with tempfile.TemporaryDirectory() as tmp:
         run_report(ReportConfig(selections=[str(f) for f in folders], attribution=str(run / "attribution"),
                                 out=tmp, embed_images=False, title=f"selections at {budget}"))
-        for name, target in (("aid_comparison.png", f"aid_{budget}.png"), ("thi_comparison.png", f"thi_{budget}.png")):
+        for name, target in (("aid_comparison.png", f"{prefix}aid_{budget}.png"),
+                             ("thi_comparison.png", f"{prefix}thi_{budget}.png")):
             if (Path(tmp) / name).is_file():
                 shutil.copy(Path(tmp) / name, out / target)
+
+
+def balance_table(run: Path, budgets: tuple[str, ...]) -> str:
+    """Per budget and balancing rule, on the run's influence matrix column-normalised (A', the paper's Section
+    6.2): each task's instance-wise THI share (the task of a pick's highest A' column), the spread between the
+    largest and the smallest share, and how many validation instances are the highest column of at least one
+    pick. Empty when the selections are not there yet."""
+    import numpy as np
+
+    from poise.analysis import profile
+    from poise.matrix import load_attribution
+    from poise.selection import read_selection
+
+    if not (run / "attribution").is_dir():
+        return ""
+    matrix = load_attribution(run / "attribution")
+    names = matrix.task_names
+    text = ["**Instance-wise THI share per task on A' (the task of each pick's highest normalised column), its "
+            "spread (largest minus smallest share), and the validation instances that are some pick's highest "
+            f"column (of {matrix.n_columns})**\n\n",
+            "| budget | method | " + " | ".join(names) + " | spread | instances served |\n",
+            "|---|---|" + "---:|" * (len(names) + 2) + "\n"]
+    rows = 0
+    for budget in budgets:
+        for pattern in BALANCE_METHODS:
+            folder = run / "selections" / pattern.format(b=budget)
+            if not (folder / "selection.json").is_file():
+                continue
+            picks = read_selection(folder).indices
+            shares = profile(matrix, picks, normalized=True).summary(matrix)
+            values = [shares[n]["thi_share"] for n in names]
+            best = np.argmax(matrix.normalized_rows(np.sort(picks)), axis=1)
+            text.append(f"| {budget} | {pattern.format(b='').rstrip('-').replace('--', '-')} | "
+                        + " | ".join(f"{v:.2f}" for v in values)
+                        + f" | {max(values) - min(values):.2f} | {np.unique(best).size} |\n")
+            rows += 1
+    return "".join(text) if rows else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for budget in ("0.1", "0.15"):  # the selections' figures need no evaluation
         paper_figures(run, budget, out)
+        paper_figures(run, budget, out, BALANCE_METHODS, prefix="balance_")
+    balance = balance_table(run, ("0.1", "0.15"))
+    if balance:
+        (out / "balance.md").write_text(balance, encoding="utf-8")
     if not (run / "evaluation").is_dir():
         print(f"{run}: no evaluations yet; wrote {out / 'progress.md'}")
         return 0
