@@ -102,6 +102,14 @@ def balance_table(run: Path, budgets: tuple[str, ...]) -> str:
             f"column (of {matrix.n_columns})**\n\n",
             "| budget | method | " + " | ".join(names) + " | spread | instances served |\n",
             "|---|---|" + "---:|" * (len(names) + 2) + "\n"]
+    families = _capability_families(run)
+    own_text = ["\n**Picks whose pool family (the row's `dataset`) is one of the capability's own families, for "
+                "the capability each pick served (the trace's task), and picks from the families that serve none "
+                "(the demo data's `UNRELATED`)**\n\n", "| budget | method | own family | unrelated families |\n",
+                "|---|---|---:|---:|\n"] if families else []
+    aid_text = ["\n**AID per task on A': the mean normalised influence of the picks on the task's validation "
+                "instances (averaged over them)**\n\n", "| budget | method | " + " | ".join(names) + " |\n",
+                "|---|---|" + "---:|" * len(names) + "\n"]
     rows = 0
     for budget in budgets:
         for pattern in BALANCE_METHODS:
@@ -112,11 +120,48 @@ def balance_table(run: Path, budgets: tuple[str, ...]) -> str:
             shares = profile(matrix, picks, normalized=True).summary(matrix)
             values = [shares[n]["thi_share"] for n in names]
             best = np.argmax(matrix.normalized_rows(np.sort(picks)), axis=1)
-            text.append(f"| {budget} | {pattern.format(b='').rstrip('-').replace('--', '-')} | "
-                        + " | ".join(f"{v:.2f}" for v in values)
+            label = pattern.format(b="").rstrip("-").replace("--", "-")
+            text.append(f"| {budget} | {label} | " + " | ".join(f"{v:.2f}" for v in values)
                         + f" | {max(values) - min(values):.2f} | {np.unique(best).size} |\n")
+            if families:
+                selection = read_selection(folder)
+                served = [(p.get("task"), families["rows"][p["row"]]) for p in selection.trace]
+                own = sum(1 for task, family in served if task and family in families["capabilities"].get(task, ()))
+                unrelated = sum(1 for _, family in served if family in families["unrelated"])
+                n = len(served)
+                own_text.append(f"| {budget} | {label} | " + (f"{own} of {n}" if any(t for t, _ in served) else "–")
+                                + f" | {unrelated} of {n} |\n")
+            aid_text.append(f"| {budget} | {label} | "
+                            + " | ".join(f"{shares[n]['mean_normalized_influence']:.2f}" for n in names) + " |\n")
             rows += 1
-    return "".join(text) if rows else ""
+    if not rows:
+        return ""
+    # what a task's columns offer a gain-based rule: the best row of each column, and the 10th best (the tail)
+    tops = {name: np.sort(matrix.read_columns(cols), axis=0)[::-1] for name, cols in matrix.task_columns().items()}
+    tail = ["\n**The tail of each task's columns on A': the median over its columns of the column's highest value "
+            "and of its 10th highest**\n\n", "| | " + " | ".join(names) + " |\n",
+            "|---|" + "---:|" * len(names) + "\n"]
+    stats = matrix.column_stats()
+    for k, what in ((0, "highest"), (9, "10th highest")):
+        cells = []
+        for name, cols in matrix.task_columns().items():
+            mean, std = stats.mean[cols], stats.std[cols]
+            cells.append(f"{np.median((tops[name][min(k, len(tops[name]) - 1)] - mean) / std):.2f}")
+        tail.append(f"| {what} | " + " | ".join(cells) + " |\n")
+    return "".join(text + own_text + aid_text + tail)
+
+
+def _capability_families(run: Path) -> dict | None:
+    """For the demo data: each pool row's reasoning-gym family (in row order), the families of each capability
+    and the unrelated ones. None when the run's pool is not the demo data."""
+    from poise.data.demo import CAPABILITIES, UNRELATED
+
+    pool = run / "data" / "pool.jsonl"
+    if not pool.is_file():
+        return None
+    rows = [str(json.loads(line).get("dataset", "")).rsplit("/", 1)[-1]
+            for line in pool.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {"rows": rows, "capabilities": {k: set(v) for k, v in CAPABILITIES.items()}, "unrelated": set(UNRELATED)}
 
 
 def main(argv: list[str] | None = None) -> int:
