@@ -32,11 +32,17 @@ def write_validation(folder: Path) -> Path:
     return folder
 
 
-def write_model(folder: Path, seed: int = 0) -> Path:
+def write_model(folder: Path, seed: int = 0, padding_side: str = "right") -> Path:
     tokenizer = tiny_tokenizer()
     model = tiny_llama(tokenizer, seed=seed)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    if padding_side != "right":
+        # transformers 5's save_pretrained leaves padding_side out of the tokenizer's config: write it there
+        import json
+
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": padding_side}))
     return folder
 
 

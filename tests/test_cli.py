@@ -52,6 +52,22 @@ def test_select_writes_selection_json_and_selected_lines_in_pick_order(small_fil
     assert poise.select(matrix, method="bids", budget=0.25).indices.tolist() == data["indices"]
 
 
+@pytest.mark.parametrize("method", ["round-robin", "task-round-robin"])
+def test_select_runs_the_round_robin_rules_with_and_without_normalisation(method, small_files, tmp_path,
+                                                                          capsys) -> None:
+    """The CLI writes what the API picks (tests/test_balance.py pins those against the peer's loop), with the
+    column and task each pick served, for the default and for --normalize."""
+    matrix = poise.load_attribution(small_files["scores"], columns=small_files["columns"])
+    for flag, normalize in (("--no-normalize", False), ("--normalize", True)):
+        out = tmp_path / f"{method}{flag}"
+        code, stdout, _ = run(select_argv(small_files, out, "--method", method, "--budget", "12", flag), capsys)
+        assert code == 0 and "selected 12 of 40 rows" in stdout
+        data = json.loads((out / "selection.json").read_text())
+        assert data["indices"] == poise.select(matrix, method, 12, normalize=normalize).indices.tolist()
+        assert all(p["column"] is not None and p["task"] for p in data["trace"])
+        assert data["arguments"]["normalize"] is normalize
+
+
 def test_select_reads_a_poise_attribution_folder(small_files, tmp_path, capsys) -> None:
     matrix = poise.load_attribution(small_files["scores"], columns=small_files["columns"], rows=small_files["rows"])
     matrix.save(tmp_path / "attribution")

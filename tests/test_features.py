@@ -25,15 +25,9 @@ TOLERANCE = 1e-5
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipeline")
     model = write_model(root / "model")
-    left = write_model(root / "model-left")
+    left = write_model(root / "model-left", padding_side="left")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(left)
-    tok.padding_side = "left"
-    tok.save_pretrained(left)
-    # transformers 5's save_pretrained leaves padding_side out of the tokenizer's config: write it there
-    config = json.loads((left / "tokenizer_config.json").read_text())
-    (left / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
     assert AutoTokenizer.from_pretrained(left).padding_side == "left"
     return {
         "root": root,
