@@ -176,8 +176,9 @@ def markdown_tables(rows: Sequence[dict[str, Any]], metric: str = "nll", digits:
         return (f"| {entry['method']} | {entry['budget'] or '–'} | {entry['seeds']} | " + " | ".join(cells) +
                 f" | {_cell(entry['macro'], digits)} | {_cell(entry['worst'], digits)} |\n")
 
-    order = {m: k for k, m in enumerate(("base", "random", "task-max", "instance-max", "sum", "rds", "rds+",
-                                         "instance-max-norm", "bids-raw", "bids", "bids-epochs4", "full"))}
+    order = {m: k for k, m in enumerate(("base", "random", "random-stratified", "task-max", "instance-max", "sum",
+                                         "rds", "rds+", "round-robin", "task-round-robin", "instance-max-norm",
+                                         "bids-raw", "bids", "bids-epochs4", "full"))}
     ranked = sorted(summary, key=lambda e: (str(e["budget"] or ""), order.get(e["method"], 99), e["method"]))
     text = [f"**Table 2 layout: {metric} ({direction}), mean ± 95% t interval over training seeds**\n\n", head, rule]
     text += [line(e) for e in ranked]
