@@ -187,8 +187,10 @@ def stratified_draw(strata: np.ndarray, n_strata: int, budget: int, seed: int) -
     The picks are interleaved (one of each stratum in turn), so every prefix of the selection is balanced too.
     """
     rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(strata == g) for g in range(n_strata)]
-    sizes = np.array([m.size for m in members], dtype=np.int64)
+    by_stratum = np.argsort(strata, kind="stable")  # each stratum's rows, in row order, one after the other
+    sizes = np.bincount(strata, minlength=n_strata).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    members = [by_stratum[a : a + z] for a, z in zip(starts.tolist(), sizes.tolist(), strict=True)]
     counts = stratum_counts(sizes, budget, rng.permutation(n_strata))
     drawn = [rng.choice(m, size=int(c), replace=False) if c else m[:0] for m, c in zip(members, counts, strict=True)]
     rows = np.concatenate(drawn).astype(np.int64)
