@@ -194,7 +194,9 @@ def test_the_study_config_runs_on_a_tiny_model_and_summarises(tmp_path) -> None:
         *tiny, f"out={run}", "train.methods=[random,bids]", "train.seeds=[0,1]", "evaluate.max_gen_toks=2"])
     assert set(result.actions.values()) == {"ran"}
     assert {"selections/random-0.1-seed0", "selections/random-0.1-seed1", "selections/bids-raw-0.15",
-            "selections/instance-max-norm-0.1", "training/full-seed1", "evaluation/bids-0.15-seed1"} <= \
+            "selections/instance-max-norm-0.1", "training/full-seed1", "evaluation/bids-0.15-seed1",
+            "selections/round-robin-0.1", "selections/task-round-robin-0.15", "selections/rds+-0.1",
+            "selections/random-stratified-0.15-seed1", "features/reps-rds+/train", "attribution-rds+"} <= \
         set(result.actions)
     second = tmp_path / "study_seed1"
     overrides, rest = makefile_overrides("STUDY_SEED1")
@@ -223,6 +225,10 @@ def test_the_study_config_runs_on_a_tiny_model_and_summarises(tmp_path) -> None:
     tables = (out / "tables.md").read_text()
     assert "| bids-epochs4 | 0.15 | 2 |" in tables
     assert "| a BIDS subset trained for 4 epochs over the full pool |" in tables
+    balance = (out / "balance.md").read_text()  # the balancing rules side by side (docs/study.md)
+    for method in ("task-max", "bids", "round-robin", "task-round-robin", "rds+", "random-stratified-seed0"):
+        assert f"| 0.15 | {method} |" in balance
+    assert {"balance_thi_0.1.png", "balance_aid_0.15.png"} <= {p.name for p in out.iterdir()}
 
 
 def test_the_readme_gpu_command_is_a_valid_config_with_the_papers_sizes() -> None:
