@@ -220,7 +220,7 @@ def test_stratified_draw_gives_equal_shares_uniformly_within_each_stratum(seed: 
         assert not open_ or got.max() - min(got[g] for g in open_) <= 1
 
 
-def test_random_with_strata_draws_per_stratum_and_without_is_unchanged() -> None:
+def test_random_without_strata_is_the_plain_seeded_draw() -> None:
     matrix = _matrix(np.zeros((60, 2)), ["a", "b"])
     plain = select(matrix, "random", 12, seed=5)
     rng = np.random.default_rng(5)

@@ -143,6 +143,22 @@ def test_attribute_rds_on_weighted_mean_reps_writes_an_rds_plus_matrix(setup, tm
         select(load_attribution(tmp_path / "weighted-mean" / "attribution"), "rds", 4)
 
 
+def test_rds_plus_representations_of_an_adapted_checkpoint_are_said_not_to_be_the_papers(setup, tmp_path) -> None:
+    """RDS+ takes its representations from the base model; weighted-mean reps of a warmup checkpoint still make
+    an rds+ matrix, with one warning line that this is not the paper's RDS+."""
+    from pipeline_fixtures import write_checkpoint
+
+    from poise.attribution import compute_attribution
+
+    checkpoint = write_checkpoint(tmp_path / "checkpoint", setup["model"])
+    for split, data in (("train", setup["pool"]), ("val", setup["validation"])):
+        reps(setup, tmp_path / split, data, checkpoint=str(checkpoint))
+    with pytest.warns(Warning, match="the paper's RDS\\+ takes them from the base model"):
+        compute_attribution(AttributeConfig(train=[str(tmp_path / "train")], val=[str(tmp_path / "val")],
+                                            out=str(tmp_path / "attribution"), rds=True))
+    assert json.loads((tmp_path / "attribution" / "info.json").read_text())["kind"] == "rds+"
+
+
 def test_mixing_poolings_across_checkpoints_is_refused(setup, tmp_path) -> None:
     from poise.attribution import compute_attribution
 

@@ -116,7 +116,8 @@ def balance_table(run: Path, budgets: tuple[str, ...]) -> str:
             folder = run / "selections" / pattern.format(b=budget)
             if not (folder / "selection.json").is_file():
                 continue
-            picks = read_selection(folder).indices
+            selection = read_selection(folder)
+            picks = selection.indices
             shares = profile(matrix, picks, normalized=True).summary(matrix)
             values = [shares[n]["thi_share"] for n in names]
             best = np.argmax(matrix.normalized_rows(np.sort(picks)), axis=1)
@@ -124,7 +125,6 @@ def balance_table(run: Path, budgets: tuple[str, ...]) -> str:
             text.append(f"| {budget} | {label} | " + " | ".join(f"{v:.2f}" for v in values)
                         + f" | {max(values) - min(values):.2f} | {np.unique(best).size} |\n")
             if families:
-                selection = read_selection(folder)
                 served = [(p.get("task"), families["rows"][p["row"]]) for p in selection.trace]
                 own = sum(1 for task, family in served if task and family in families["capabilities"].get(task, ()))
                 unrelated = sum(1 for _, family in served if family in families["unrelated"])

@@ -118,6 +118,10 @@ def compute_attribution(config: Any, progress=None) -> Path:
     kind = "influence"
     if config.rds:  # rds+: the representations were pooled as RDS+ pools them (position-weighted mean)
         kind = "rds+" if (t0[2].get("settings") or {}).get("pooling") == "weighted-mean" else "rds"
+        adapted = (t0[2].get("settings") or {}).get("checkpoint")
+        if kind == "rds+" and adapted:
+            warn(f"{config.train[0]}: RDS+ representations from the adapted checkpoint {adapted}; the paper's RDS+ "
+                 "takes them from the base model (features without --checkpoint)")
     opened = open_folder(config.out, "attribute", config, extra={"normalised_weights": weights})
     out = opened.folder
     if opened.complete:

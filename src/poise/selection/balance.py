@@ -2,7 +2,8 @@
 
 These balance the targets by turn rather than by need: every target (a validation instance, or a task) takes
 its next-best training row in a fixed order, round after round, whatever the others already have; BIDS
-instead serves, at each step, the instance that is served least so far (docs/selection.md compares them).
+instead serves, at each step, the instance that is served least so far (docs/study.md, "How the balancing
+rules differ", compares them).
 
 The rules restate Ivison et al. 2025 ("Large-Scale Data Selection for Instruction Tuning"), code in
 hamishivi/automated-instruction-selection at commit df71a044d567976e37bebeae53cd59f992b1ea09:

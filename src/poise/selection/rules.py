@@ -86,8 +86,7 @@ def select_random(matrix: AttributionMatrix, budget: int, ctx: Context) -> Picks
     if ctx.strata is not None:
         from poise.selection.balance import stratified_draw
 
-        rows, _ = stratified_draw(ctx.strata, len(ctx.strata_names or []) or int(ctx.strata.max()) + 1, budget,
-                                  ctx.seed)
+        rows, _ = stratified_draw(ctx.strata, len(ctx.strata_names or ()), budget, ctx.seed)
         return Picks(rows=rows, scores=np.full(budget, np.nan), columns=np.full(budget, -1, dtype=np.int64))
     rng = np.random.default_rng(ctx.seed)
     rows = rng.choice(matrix.n_rows, size=budget, replace=False).astype(np.int64)
