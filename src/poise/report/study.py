@@ -308,6 +308,7 @@ CLAIMS = (
     ("a BIDS subset trained for 4 epochs over the full pool", "bids-epochs4", "full", None),
     # the peers' balancing rules (not claims of the BIDS paper: the comparisons its results raise)
     ("BIDS over round-robin (RDS+'s per-instance turn)", "bids", "round-robin", "same"),
+    ("BIDS over task-round-robin (the per-task turn)", "bids", "task-round-robin", "same"),
     ("BIDS over RDS+", "bids", "rds+", "same"),
     ("BIDS over balanced random (stratified by source)", "bids", "random-stratified", "same"),
     ("round-robin over random", "round-robin", "random", "same"),
