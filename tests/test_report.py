@@ -561,3 +561,31 @@ def test_the_report_of_a_20k_row_selection_stays_small_and_says_what_it_leaves_o
 def test_the_report_of_a_100k_row_selection_stays_small(tmp_path):
     path, folders = _report_of_a_large_pool(100_000, tmp_path)
     _check_large_report(path, folders, 100_000)
+
+
+def test_display_names_tell_budgets_and_random_seeds_apart(matrix):
+    """A run's report holds every method at several budgets, and random once per training seed: the names say
+    which is which (a name that repeats, `task-max #2`, would not)."""
+    picks = [poise.select(matrix, "task-max", budget) for budget in (100, 150)]
+    draws = [poise.select(matrix, "random", 100, seed=seed) for seed in (0, 1)]
+    for selection, seed in zip(draws, (0, 1), strict=True):
+        selection.arguments["seed"] = seed  # as `poise select` records it
+    names = display_names([*picks, *draws, picks[0]])
+    assert names == ["task-max (100 picks)", "task-max (150 picks)", "random (seed 0)", "random (seed 1)",
+                     "task-max (100 picks) #2"]
+
+
+def test_comparison_figures_grow_so_a_long_legend_leaves_the_plot_its_height(matrix):
+    """32 selections (12 methods at two budgets, random at three seeds) made a legend taller than the figure,
+    which squeezed the plot into a strip: the figure grows with the legend instead."""
+    tasks = ["a", "b", "c"]
+    rng = np.random.default_rng(0)
+
+    def png_height(n: int) -> int:
+        aid = [{t: rng.normal(size=8) for t in tasks} for _ in range(n)]
+        data = plots.aid_comparison_plot([f"s{k}" for k in range(n)], aid)
+        return int.from_bytes(data[20:24], "big")  # the PNG header's height
+
+    few, many = png_height(3), png_height(32)
+    assert few == round(4.6 * plots.DPI)
+    assert many == round(plots._height_for(32, 4.6) * plots.DPI) and many > 1.4 * few

@@ -32,8 +32,20 @@ def _unique(bases: Sequence[str], taken: set[str], suffix: str) -> list[str]:
 
 
 def display_names(selections: Sequence[Selection]) -> list[str]:
-    """Each selection's label, made unique by appending ` #2`, ` #3`, ... to repeats."""
-    return _unique([s.label for s in selections], set(), " #%d")
+    """Each selection's label; where a label repeats, what tells its selections apart (the number of picks, the
+    seed of a random draw) is added, e.g. `task-max (40 picks)`, `random (60 picks, seed 2)`, and what is still
+    alike is made unique by appending ` #2`, ` #3`, ..."""
+    labels = [s.label for s in selections]
+    bases = []
+    for selection, label in zip(selections, labels, strict=True):
+        alike = [t for t, other in zip(selections, labels, strict=True) if other == label]
+        parts = []
+        if len({len(t.indices) for t in alike}) > 1:
+            parts.append(f"{len(selection.indices)} picks")
+        if len({t.arguments.get("seed") for t in alike}) > 1 and selection.arguments.get("seed") is not None:
+            parts.append(f"seed {selection.arguments['seed']}")
+        bases.append(f"{label} ({', '.join(parts)})" if parts else label)
+    return _unique(bases, set(), " #%d")
 
 
 def check_selections(matrix: AttributionMatrix, selections: Sequence[Selection]) -> None:

@@ -88,6 +88,17 @@ def _width_for(n_groups: int, per_group: float = 0.75, minimum: float = 6.5, max
     return float(min(maximum, max(minimum, 1.8 + per_group * n_groups)))
 
 
+#: the height of a legend entry at fontsize "small", in inches, and the margin a figure keeps beside it
+LEGEND_ENTRY = 0.21
+LEGEND_MARGIN = 0.9
+
+
+def _height_for(entries: int, minimum: float) -> float:
+    """A figure's height, grown so that a legend of `entries` beside it fits: a taller legend than the figure
+    would squeeze the plot into a strip."""
+    return float(max(minimum, LEGEND_ENTRY * entries + LEGEND_MARGIN))
+
+
 def _rotate(tasks: Sequence[str], crowded: int = 7) -> bool:
     return len(tasks) > crowded or max((len(t) for t in tasks), default=0) > 10
 
@@ -208,7 +219,8 @@ def aid_comparison_plot(
     """Side-by-side AID boxes per task, one colour per selection (the paper's Fig. 4)."""
     tasks = list(per_task[0])
     n_sel = len(names)
-    fig = Figure(figsize=(_width_for(len(tasks), per_group=0.45 + 0.3 * n_sel, maximum=COMPARISON_WIDTH), 4.6),
+    fig = Figure(figsize=(_width_for(len(tasks), per_group=0.45 + 0.3 * n_sel, maximum=COMPARISON_WIDTH),
+                          _height_for(n_sel, 4.6)),
                  layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / n_sel
@@ -304,7 +316,8 @@ def thi_comparison_plot(
     n_sel = len(names)
     width = 0.8 / n_sel
     fig = Figure(
-        figsize=(_width_for(len(tasks), per_group=0.4 + 0.25 * n_sel, maximum=COMPARISON_WIDTH), 6.0),
+        figsize=(_width_for(len(tasks), per_group=0.4 + 0.25 * n_sel, maximum=COMPARISON_WIDTH),
+                 _height_for(n_sel + 1, 6.0)),  # the selections and the equal-share line
         layout="constrained",
     )
     axes = fig.subplots(2, 1, sharex=True, sharey=True)
