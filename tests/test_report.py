@@ -589,3 +589,16 @@ def test_comparison_figures_grow_so_a_long_legend_leaves_the_plot_its_height(mat
     few, many = png_height(3), png_height(32)
     assert few == round(4.6 * plots.DPI)
     assert many == round(plots._height_for(32, 4.6) * plots.DPI) and many > 1.4 * few
+
+
+def test_the_thi_comparison_panels_keep_equal_heights_beside_a_long_legend():
+    """The legend of 32 selections, drawn on the upper panel, stretched that panel's row to the legend's height
+    and left a gap above a short lower panel: one legend beside the figure leaves both panels alike."""
+    tasks = ["a", "b", "c"]
+    counts = [{t: k + j for j, t in enumerate(tasks)} for k in range(32)]
+    fig = plots.thi_comparison_figure([f"s{k}" for k in range(32)], counts, counts)
+    fig.draw_without_rendering()  # runs the constrained layout
+    upper, lower = (ax.get_position() for ax in fig.axes[:2])
+    assert upper.height == pytest.approx(lower.height, rel=0.05)
+    assert upper.height > 0.4  # the two panels fill the figure's height between them
+    assert upper.y0 - lower.y1 < 0.1  # the gap between them is a title's, not a legend's

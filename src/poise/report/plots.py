@@ -311,6 +311,16 @@ def thi_comparison_plot(
     instance_wise: Sequence[Mapping[str, int]],
     colors: Mapping[str, Color] | None = None,
 ) -> bytes:
+    """`thi_comparison_figure` as PNG bytes."""
+    return _to_png(thi_comparison_figure(names, task_wise, instance_wise, colors))
+
+
+def thi_comparison_figure(
+    names: Sequence[str],
+    task_wise: Sequence[Mapping[str, int]],
+    instance_wise: Sequence[Mapping[str, int]],
+    colors: Mapping[str, Color] | None = None,
+) -> Figure:
     """THI share per task for every selection (the paper's Fig. 3): instance-wise above, task-wise below."""
     tasks = list(instance_wise[0])
     n_sel = len(names)
@@ -333,8 +343,11 @@ def thi_comparison_plot(
         ax.set_title(panel)
         ax.grid(axis="y", alpha=0.3)
     _set_task_ticks(axes[1], tasks)
-    axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize="small")
-    return _to_png(fig)
+    # one legend for both panels, beside the figure: on the upper panel alone it would stretch that panel's row
+    # to the legend's height and leave a gap between the panels
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", frameon=False, fontsize="small")
+    return fig
 
 
 # ------------------------------------------------------------------------------------- coverage
